@@ -1,0 +1,1 @@
+"""sinkstream topology: topic definitions, message schemas and the faust ingress router."""

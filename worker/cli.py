@@ -1,0 +1,61 @@
+"""The ``sinkstream`` command line.
+
+Each subcommand lives in the module that implements it; that module exposes
+``add_parser(subparsers)`` which registers the subcommand and sets ``func``.
+Heavy imports (torch, transformers, aiokafka) happen inside the command functions,
+so ``sinkstream --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that register subcommands, in the order they appear in ``--help``.
+COMMAND_MODULES = (
+    "worker.commands.models",
+    "worker.commands.generate",
+    "worker.commands.stage",
+    "worker.commands.snapshots",
+    "worker.commands.evaluate",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sinkstream",
+        description="Run a language model over endless Kafka text streams with bounded KV caches.",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # that command group is not part of this build
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``sinkstream`` command line, one module per command group."""
