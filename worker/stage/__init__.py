@@ -1,0 +1,1 @@
+"""The Kafka worker: settings, consumer loop, offset tracking and dead letters."""
