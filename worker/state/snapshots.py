@@ -1,0 +1,178 @@
+"""Saving and loading one stream's cache as a chain of base and delta records."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from worker.state.chain import Chain
+from worker.state.config import StateConfig
+from worker.state.exceptions import SnapshotRejectedError
+from worker.state.format import SnapshotRecord, apply_chain, decode_record, encode_record
+from worker.state.slots import changed_slots
+from worker.state.store import SnapshotStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheState:
+    """A stream's cache as the engine holds it, in the terms the snapshot format stores.
+
+    ``keys`` and ``values`` are ``[num_layers, num_kv_heads, capacity, head_dim]`` in the
+    cache dtype, keys before the rotary embedding. ``metadata`` is JSON-serialisable and
+    must contain ``tokens_written`` (tokens written into the cache since the stream
+    started or was reset); ``engine_config`` must contain ``sink_tokens`` and
+    ``window_tokens``.
+    """
+
+    stream_id: str
+    fingerprint: str
+    engine_config: dict[str, Any]
+    metadata: dict[str, Any]
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def tokens_written(self) -> int:
+        return int(self.metadata["tokens_written"])
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[2])
+
+
+@dataclass
+class SaveStats:
+    """What one save wrote."""
+
+    kind: str
+    num_slots: int
+    raw_bytes: int
+    stored_bytes: int
+    encode_s: float
+    write_s: float
+    codecs: dict[str, str] = field(default_factory=dict)
+
+
+def plan_delta(previous: Chain | None, state: CacheState, max_deltas: int) -> list[int] | None:
+    """Return the slots a delta on top of ``previous`` must hold, or None when a new base is due.
+
+    A base is due when there is no previous chain, when the stream was reset, when the
+    chain already has ``max_deltas`` deltas, or when the deltas would together rewrite
+    at least a full cache's worth of slots (then a base is smaller than the deltas).
+    """
+    if previous is None or not previous.records or max_deltas == 0:
+        return None
+    if len(previous.records) - 1 >= max_deltas:
+        return None
+    slots = changed_slots(
+        previous.tokens_written,
+        state.tokens_written,
+        int(state.engine_config["sink_tokens"]),
+        int(state.engine_config["window_tokens"]),
+    )
+    if slots is None:
+        return None
+    delta_slots_so_far = int(previous.extra.get("delta_slots", 0))
+    if delta_slots_so_far + len(slots) >= state.capacity:
+        return None
+    return slots
+
+
+class StreamSnapshotter:
+    """Encodes cache states into records, stores them and loads them back."""
+
+    def __init__(self, store: SnapshotStore, config: StateConfig) -> None:
+        self.store = store
+        self.config = config
+
+    async def save(
+        self,
+        state: CacheState,
+        previous: Chain | None,
+        committed: Chain | None,
+        topic: str | None = None,
+        partition: int | None = None,
+        last_offset: int | None = None,
+    ) -> tuple[Chain, SaveStats]:
+        """Write a delta or a new base for ``state`` and make it the stream's latest chain."""
+        started = time.perf_counter()
+        slots = plan_delta(previous, state, self.config.max_deltas)
+        metadata = dict(state.metadata, topic=topic, partition=partition, last_offset=last_offset)
+        if slots is None:
+            record = SnapshotRecord("base", state.fingerprint, state.engine_config, metadata, state.keys, state.values)
+        else:
+            index = torch.tensor(slots, dtype=torch.long)
+            record = SnapshotRecord(
+                "delta",
+                state.fingerprint,
+                state.engine_config,
+                metadata,
+                state.keys.index_select(2, index.to(state.keys.device)),
+                state.values.index_select(2, index.to(state.values.device)),
+                slots=slots,
+            )
+        data, encode_stats = encode_record(
+            record, self.config.compression, self.config.compression_level, self.config.min_compression_gain
+        )
+        encoded = time.perf_counter()
+
+        ref = await self.store.write_record(state.stream_id, data, record.kind)
+        if slots is None:
+            records, delta_slots = [ref], 0
+        else:
+            assert previous is not None
+            records = [*previous.records, ref]
+            delta_slots = int(previous.extra.get("delta_slots", 0)) + len(slots)
+        chain = Chain(
+            records=records,
+            stream_id=state.stream_id,
+            topic=topic,
+            partition=partition,
+            last_offset=last_offset,
+            tokens_written=state.tokens_written,
+            created_at=time.time(),
+            extra={"delta_slots": delta_slots},
+        )
+        await self.store.publish(chain, [ref], previous, committed)
+        stats = SaveStats(
+            kind=record.kind,
+            num_slots=state.capacity if slots is None else len(slots),
+            raw_bytes=encode_stats.raw_bytes,
+            stored_bytes=encode_stats.stored_bytes,
+            encode_s=encoded - started,
+            write_s=time.perf_counter() - encoded,
+            codecs=encode_stats.codecs,
+        )
+        logger.debug(
+            "stored %s of stream %s (%d slots, %d bytes, last offset %s)",
+            record.kind, state.stream_id, stats.num_slots, stats.stored_bytes, last_offset,
+        )
+        return chain, stats
+
+    async def load_chain(
+        self, chain: Chain, fingerprint: str | None, engine_config: dict[str, Any] | None
+    ) -> CacheState:
+        """Read, validate and fold every record of ``chain``; raises SnapshotRejectedError."""
+        records = []
+        for ref in chain.records:
+            data = await self.store.read_record(chain.stream_id, ref)
+            records.append(decode_record(data, fingerprint, engine_config))
+        folded = apply_chain(records)
+        if folded.metadata.get("stream_id", chain.stream_id) != chain.stream_id:
+            raise SnapshotRejectedError(
+                "chain", f"snapshot of stream {folded.metadata.get('stream_id')!r} is stored under {chain.stream_id!r}"
+            )
+        return CacheState(
+            stream_id=chain.stream_id,
+            fingerprint=folded.fingerprint,
+            engine_config=folded.engine_config,
+            metadata=folded.metadata,
+            keys=folded.keys,
+            values=folded.values,
+        )
