@@ -63,15 +63,25 @@ class HealthState:
     """Readiness inputs of one worker, shared between its event loop and the HTTP server.
 
     Ready means: the model is loaded, the Kafka consumer is connected and holds at least
-    one partition, and no partition is stuck. Redis being down does not make the worker
+    one partition, no partition is stuck, and (with ``max_unsafe_s``) processed events
+    have not gone longer than that without a checkpoint. Redis being down does not make the worker
     unready, because events still flow without snapshots (snapshot failures show up in
     the metrics and alerts instead).
     """
 
-    def __init__(self, stuck_after_s: float = 120.0, clock=time.monotonic, wall_clock=time.time) -> None:
+    def __init__(
+        self,
+        stuck_after_s: float = 120.0,
+        max_unsafe_s: float | None = None,
+        clock=time.monotonic,
+        wall_clock=time.time,
+    ) -> None:
         if stuck_after_s <= 0:
             raise ValueError(f"stuck_after_s must be positive, got {stuck_after_s!r}")
+        if max_unsafe_s is not None and max_unsafe_s <= 0:
+            raise ValueError(f"max_unsafe_s must be positive or None, got {max_unsafe_s!r}")
         self.stuck_after_s = stuck_after_s
+        self.max_unsafe_s = max_unsafe_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._lock = threading.Lock()
@@ -79,6 +89,8 @@ class HealthState:
         self._kafka_connected = False
         self._redis_connected = False
         self._partitions: dict[TopicPartition, PartitionProgress] = {}
+        # Time of the oldest processed event not yet covered by a checkpoint, or None.
+        self._unsafe_since_s: float | None = None
 
     def set_model_loaded(self, loaded: bool = True) -> None:
         with self._lock:
@@ -132,6 +144,13 @@ class HealthState:
                 progress.position = offset + 1
                 progress.last_progress_s = self._clock()
                 progress.last_progress_unix_s = self._wall_clock()
+            if self._unsafe_since_s is None:
+                self._unsafe_since_s = self._clock()
+
+    def record_checkpoint(self) -> None:
+        """Record a successful checkpoint: everything processed so far is safe."""
+        with self._lock:
+            self._unsafe_since_s = None
 
     def snapshot(self) -> HealthSnapshot:
         """Copy the state and evaluate readiness at the current time."""
@@ -141,6 +160,7 @@ class HealthState:
             model_loaded = self._model_loaded
             kafka_connected = self._kafka_connected
             redis_connected = self._redis_connected
+            unsafe_s = None if self._unsafe_since_s is None else now - self._unsafe_since_s
         stuck = tuple(
             sorted(
                 tp
@@ -149,6 +169,8 @@ class HealthState:
             )
         )
         ready, reason = _evaluate(model_loaded, kafka_connected, partitions, stuck, now)
+        if ready and self.max_unsafe_s is not None and unsafe_s is not None and unsafe_s > self.max_unsafe_s:
+            ready, reason = False, f"no successful checkpoint for {unsafe_s:.0f}s of processed events"
         return HealthSnapshot(
             model_loaded=model_loaded,
             kafka_connected=kafka_connected,

@@ -130,3 +130,19 @@ def test_stuck_sets_gauge(health, clock):
 def test_stuck_after_must_be_positive():
     with pytest.raises(ValueError, match="stuck_after_s"):
         HealthState(stuck_after_s=0)
+
+
+def test_checkpoint_overdue_fails_ready(clock):
+    state = HealthState(stuck_after_s=30, max_unsafe_s=60, clock=clock, wall_clock=clock)
+    state.set_model_loaded()
+    state.set_kafka_connected(True)
+    state.set_assignment([TP0])
+    clock.now += 600  # nothing processed: nothing unsafe
+    assert state.ready()[0] is True
+    state.record_progress(TP0, offset=5)
+    clock.now += 61
+    ready, reason = state.ready()
+    assert ready is False
+    assert "checkpoint" in reason
+    state.record_checkpoint()
+    assert state.ready()[0] is True
