@@ -1,0 +1,260 @@
+"""Settings of the worker: one validated object read from flags, environment and YAML.
+
+Every field has three spellings that map one to one. For ``kafka.bootstrap_servers``:
+
+- YAML file (``--config FILE`` or ``$SINKSTREAM_CONFIG``): ``kafka: {bootstrap_servers: ...}``
+- environment variable: ``SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS``
+- command-line flag: ``--kafka.bootstrap-servers``
+
+Precedence, highest first: flags, environment variables, the YAML file, defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from topology.schemas import EventLimits
+from topology.settings import KafkaSettings
+from worker.exceptions import ConfigError
+from worker.paths import default_model_dir
+
+ENV_PREFIX = "SINKSTREAM_"
+CONFIG_FILE_ENV = "SINKSTREAM_CONFIG"
+
+
+class WorkerKafkaSettings(KafkaSettings):
+    """Broker connection and security (shared with the router) plus the worker's topics and group."""
+
+    group_id: str = Field("sinkstream-worker", min_length=1, description="consumer group of the workers")
+    events_topic: str = Field("sinkstream.events", min_length=1, description="input topic, keyed by stream id")
+    outputs_topic: str = Field("sinkstream.outputs", min_length=1, description="output topic")
+    dlq_topic: str = Field("sinkstream.dlq", min_length=1, description="dead-letter topic")
+    session_timeout_ms: int = Field(30_000, ge=1_000, le=3_600_000, description="consumer group session timeout")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=1_000, le=86_400_000, description="maximum gap between fetches before the group evicts the worker"
+    )
+    producer_idempotence: bool = Field(
+        False, description="idempotent producer; the Tansu broker rejects it, Kafka proper accepts it"
+    )
+
+
+class RedisSettings(BaseModel):
+    """Redis connection used by the snapshot store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    password: SecretStr | None = None
+    tls: bool = Field(False, description="connect with TLS (also implied by a rediss:// URL)")
+    ssl_ca_certs: Path | None = None
+    key_prefix: str = Field("sinkstream:", description="prefix of every key this worker writes")
+    socket_timeout_s: float = Field(5.0, gt=0, le=300)
+
+
+class EngineSettings(BaseModel):
+    """Model and cache geometry of the engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path = Field(default_factory=default_model_dir)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="torch device, for example cpu or cuda:0")
+    sink_tokens: int = Field(4, ge=0, le=1024)
+    window_tokens: int = Field(2044, ge=16, le=1_048_576)
+    prefill_chunk_tokens: int = Field(256, ge=1, le=65_536)
+    max_resident_streams: int = Field(64, ge=1, le=65_536, description="cache slots on the device")
+    max_host_streams: int = Field(1024, ge=0, le=1_048_576, description="streams parked in host memory")
+    max_batch_tokens: int = Field(2048, ge=1, le=1_048_576, description="tokens per engine step")
+
+
+class StageSettings(BaseModel):
+    """Input handling, backpressure and shutdown of the consumer loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    raw_action: Literal["append", "generate"] = Field(
+        "append", description="what a non-JSON event does: append its text, or append and generate"
+    )
+    max_event_bytes: int = Field(
+        32_768, ge=1, le=16 * 1024 * 1024, description="largest UTF-8 text of one event, in bytes"
+    )
+    max_new_tokens_limit: int = Field(1024, ge=1, le=1_000_000, description="largest max_new_tokens accepted")
+    default_max_new_tokens: int = Field(128, ge=1, le=1_000_000, description="max_new_tokens when an event gives none")
+    queue_max_events: int = Field(
+        256, ge=1, le=1_000_000, description="events fetched and not yet done before fetching pauses"
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="seconds to finish in-flight events on revoke or shutdown"
+    )
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="name in outputs and logs"
+    )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> StageSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"stage.default_max_new_tokens={self.default_max_new_tokens} is above "
+                f"stage.max_new_tokens_limit={self.max_new_tokens_limit}; lower it or raise the limit"
+            )
+        return self
+
+    def event_limits(self) -> EventLimits:
+        """Return the input limits in the form :func:`topology.schemas.parse_event` takes."""
+        return EventLimits(
+            max_event_bytes=self.max_event_bytes,
+            max_new_tokens=self.max_new_tokens_limit,
+            default_max_new_tokens=self.default_max_new_tokens,
+        )
+
+
+class CheckpointSettings(BaseModel):
+    """How often offsets are committed (and, with a snapshot store, streams snapshotted)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval_events: int = Field(1000, ge=1, description="commit after this many done events")
+    interval_s: float = Field(5.0, gt=0, le=3600, description="commit at least this often, seconds")
+    max_unsafe_s: float = Field(
+        300.0, gt=0, description="seconds without a successful checkpoint before readiness fails"
+    )
+
+
+class MetricsSettings(BaseModel):
+    """The /metrics, /healthz and /readyz server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "0.0.0.0"
+    port: int = Field(9400, ge=0, le=65_535, description="0 disables the server")
+    stuck_after_s: float = Field(
+        120.0, gt=0, description="seconds without engine progress, with work queued, before /healthz fails"
+    )
+
+
+class WorkerSettings(BaseSettings):
+    """All settings of ``sinkstream worker``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    kafka: WorkerKafkaSettings = Field(default_factory=WorkerKafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    stage: StageSettings = Field(default_factory=StageSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    def redacted(self) -> dict[str, Any]:
+        """Return the settings as plain data, with secrets shown as '**********'."""
+        return self.model_dump(mode="json")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ``SINKSTREAM_CONFIG`` (``--config`` sets it)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused, because __call__ returns the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(CONFIG_FILE_ENV)
+        if not path:
+            return {}
+        return load_yaml(Path(path))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"the config file {path} must contain a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def flag_name(section: str, field_name: str) -> str:
+    """Return the flag of a field: ``--kafka.bootstrap-servers`` for kafka.bootstrap_servers."""
+    return f"--{section}.{field_name.replace('_', '-')}"
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per settings field to ``parser``."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML settings file (also ${CONFIG_FILE_ENV})")
+    for section, section_field in WorkerSettings.model_fields.items():
+        group = parser.add_argument_group(f"{section} settings")
+        for name, field in section_field.annotation.model_fields.items():
+            env_name = f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+            help_text = field.description or ""
+            help_text = f"{help_text} (env {env_name})".strip()
+            group.add_argument(
+                flag_name(section, name),
+                dest=f"settings:{section}:{name}",
+                metavar=name.upper(),
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: dict[str, Any]) -> WorkerSettings:
+    """Build the settings from parsed flags (see :func:`add_settings_arguments`)."""
+    values: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("settings:"):
+            _, section, name = dest.split(":")
+            values.setdefault(section, {})[name] = value
+    for section, fields in overrides.items():
+        values.setdefault(section, {}).update(fields)
+    return load_settings(getattr(args, "config", None), values)
+
+
+def load_settings(config_file: str | Path | None = None, values: dict[str, Any] | None = None) -> WorkerSettings:
+    """Validate settings from ``values`` (flags), the environment and ``config_file``.
+
+    Raises ConfigError naming each invalid field and its value.
+    """
+    previous = os.environ.get(CONFIG_FILE_ENV)
+    if config_file is not None:
+        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    try:
+        # Sections given as flags merge with the same section from env and YAML: pydantic-settings
+        # deep-merges nested dicts from all sources, so a flag replaces only its own field.
+        return WorkerSettings(**(values or {}))
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = ".".join(str(part) for part in error["loc"])
+            value = error.get("input")
+            if "password" in location or isinstance(value, dict):
+                problems.append(f"{location}: {error['msg']}")  # never echo secrets or whole sections
+            else:
+                problems.append(f"{location}={value!r}: {error['msg']}")
+        raise ConfigError("invalid worker settings:\n  " + "\n  ".join(problems)) from exc
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_FILE_ENV, None)
+            else:
+                os.environ[CONFIG_FILE_ENV] = previous
