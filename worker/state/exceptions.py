@@ -29,3 +29,21 @@ class StoreUnavailableError(SnapshotError):
     """Redis could not be reached or timed out after the configured retries."""
 
     retriable = True
+
+
+class ChainConflictError(SnapshotError):
+    """The stream's latest chain in Redis is not the one this worker last wrote or loaded.
+
+    ``current`` is None when Redis lost the chain (a restart without persistence); then the
+    next snapshot must be a new base. Otherwise another worker wrote the stream since, and
+    this worker must not overwrite it.
+    """
+
+    def __init__(self, stream_id: str, current: object | None) -> None:
+        if current is None:
+            message = f"the snapshot chain of stream {stream_id} is missing from Redis"
+        else:
+            message = f"another worker replaced the snapshot chain of stream {stream_id}"
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.current = current

@@ -89,6 +89,8 @@ def _tensor_to_bytes(tensor: torch.Tensor, shuffle: bool) -> bytes:
 
 
 def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int], shuffle: bool) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
     as_bytes = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if shuffle and itemsize > 1:

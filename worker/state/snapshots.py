@@ -11,7 +11,7 @@ import torch
 
 from worker.state.chain import Chain
 from worker.state.config import StateConfig
-from worker.state.exceptions import SnapshotRejectedError
+from worker.state.exceptions import ChainConflictError, SnapshotRejectedError
 from worker.state.format import SnapshotRecord, apply_chain, decode_record, encode_record
 from worker.state.slots import changed_slots
 from worker.state.store import SnapshotStore
@@ -100,21 +100,46 @@ class StreamSnapshotter:
         partition: int | None = None,
         last_offset: int | None = None,
     ) -> tuple[Chain, SaveStats]:
-        """Write a delta or a new base for ``state`` and make it the stream's latest chain."""
+        """Write a delta or a new base for ``state`` and make it the stream's latest chain.
+
+        ``previous`` is the chain this worker last wrote or loaded for the stream. When
+        Redis no longer holds it (a restart without persistence), a new base is written in
+        its place; when another worker replaced it, :class:`ChainConflictError` is raised.
+        """
+        try:
+            return await self._save(state, previous, committed, topic, partition, last_offset)
+        except ChainConflictError as exc:
+            if exc.current is not None or previous is None:
+                raise
+            logger.warning(
+                "the snapshot chain of stream %s is missing from Redis (was Redis restarted?); writing a new base",
+                state.stream_id,
+            )
+            return await self._save(state, None, None, topic, partition, last_offset)
+
+    async def _save(
+        self,
+        state: CacheState,
+        previous: Chain | None,
+        committed: Chain | None,
+        topic: str | None,
+        partition: int | None,
+        last_offset: int | None,
+    ) -> tuple[Chain, SaveStats]:
         started = time.perf_counter()
         slots = plan_delta(previous, state, self.config.max_deltas)
         metadata = dict(state.metadata, topic=topic, partition=partition, last_offset=last_offset)
         if slots is None:
             record = SnapshotRecord("base", state.fingerprint, state.engine_config, metadata, state.keys, state.values)
         else:
-            index = torch.tensor(slots, dtype=torch.long)
+            index = torch.tensor(slots, dtype=torch.long, device=state.keys.device)
             record = SnapshotRecord(
                 "delta",
                 state.fingerprint,
                 state.engine_config,
                 metadata,
-                state.keys.index_select(2, index.to(state.keys.device)),
-                state.values.index_select(2, index.to(state.values.device)),
+                state.keys.index_select(2, index),
+                state.values.index_select(2, index),
                 slots=slots,
             )
         data, encode_stats = encode_record(

@@ -31,11 +31,12 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from worker.state import keys
 from worker.state.chain import Chain, RecordRef, obsolete_records
 from worker.state.config import StateConfig
-from worker.state.exceptions import SnapshotRejectedError, StoreUnavailableError
+from worker.state.exceptions import ChainConflictError, SnapshotRejectedError, StoreUnavailableError
 from worker.state.format import split_chunks
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class SnapshotStore:
             raise
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"Redis at {self.config.redis_url} failed during {what}: {exc}") from exc
+        except WatchError:
+            raise
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis command failed during {what}: {exc}") from exc
 
@@ -122,19 +125,36 @@ class SnapshotStore:
         await self._run(write, f"the write of record {record_id} of stream {stream_id}")
         return RecordRef(record_id=record_id, kind=kind, num_chunks=len(chunks), num_bytes=len(data))
 
-    async def publish(self, chain: Chain, new_records: list[RecordRef], previous: Chain | None, committed: Chain | None) -> None:
-        """Make ``chain`` the stream's latest chain in one MULTI/EXEC, then delete what it replaced."""
+    async def publish(
+        self, chain: Chain, new_records: list[RecordRef], previous: Chain | None, committed: Chain | None
+    ) -> None:
+        """Make ``chain`` the stream's latest chain in one MULTI/EXEC, then delete what it replaced.
+
+        The switch happens only while the stored latest chain is still ``previous`` (checked
+        under WATCH); otherwise :class:`ChainConflictError` is raised and nothing changes.
+        """
         stream_id = chain.stream_id
+        head = keys.head_key(self.prefix, stream_id)
 
         async def switch() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hset(keys.head_key(self.prefix, stream_id), "latest", chain.to_json())
-            for ref in new_records:
-                for index in range(ref.num_chunks):
-                    pipe.persist(keys.chunk_key(self.prefix, stream_id, ref.record_id, index))
-            await pipe.execute()
+            async with self._client.pipeline(transaction=True) as pipe:
+                await pipe.watch(head)
+                stored = await pipe.hget(head, "latest")
+                current = Chain.from_json(stored) if stored else None
+                if current != previous:
+                    await pipe.unwatch()
+                    raise ChainConflictError(stream_id, current)
+                pipe.multi()
+                pipe.hset(head, "latest", chain.to_json())
+                for ref in new_records:
+                    for index in range(ref.num_chunks):
+                        pipe.persist(keys.chunk_key(self.prefix, stream_id, ref.record_id, index))
+                await pipe.execute()
 
-        await self._run(switch, f"the pointer switch of stream {stream_id}")
+        try:
+            await self._run(switch, f"the pointer switch of stream {stream_id}")
+        except WatchError as exc:
+            raise ChainConflictError(stream_id, "changed while this worker switched it") from exc
         await self._delete_records(stream_id, obsolete_records(previous, chain, committed))
 
     async def mark_committed(self, chain: Chain, previous_committed: Chain | None, latest: Chain | None) -> None:
