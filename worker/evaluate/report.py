@@ -1,0 +1,156 @@
+"""The outputs of a perplexity run: JSON summary, per-token NLL file and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.evaluate.documents import SkippedDocument
+from worker.evaluate.runner import ModeResult, RunResult
+from worker.evaluate.scorers import mean_nll, sampled_positions
+
+
+def perplexity(nll: float) -> float:
+    return math.exp(nll) if math.isfinite(nll) else math.nan
+
+
+def build_summary(run: RunResult, skipped: list[SkippedDocument] = ()) -> dict[str, Any]:
+    """Summarise each mode per document: full-stream and sampled-position figures, segments."""
+    config = run.config
+    documents = []
+    for doc_index, document in enumerate(run.documents):
+        sample = sampled_positions(len(document.token_ids), config.sample_stride)
+        modes = {
+            name: _mode_summary(result, result.nll[doc_index], sample, run)
+            for name, result in run.modes.items()
+        }
+        documents.append({"name": document.name, "tokens": len(document.token_ids), "modes": modes})
+    return {
+        "config": {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(config).items()},
+        "model": run.model_source,
+        "trained_positions": run.trained_positions,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(next(iter(run.modes.values())).memory_kind) if run.modes else "",
+        },
+        "modes": {
+            name: {
+                "elapsed_s": round(result.elapsed_s, 3),
+                "scored_tokens": result.scored_tokens,
+                "tokens_per_s": round(result.scored_tokens / max(result.elapsed_s, 1e-9), 3),
+                "peak_memory_bytes": result.peak_memory_bytes,
+                "memory_kind": result.memory_kind,
+                "memory_trace": result.memory_trace,
+                "note": result.note,
+            }
+            for name, result in run.modes.items()
+        },
+        "documents": documents,
+        "skipped": [{"name": item.name, "reason": item.reason} for item in skipped],
+    }
+
+
+def _mode_summary(result: ModeResult, nll: np.ndarray, sample: np.ndarray, run: RunResult) -> dict[str, Any]:
+    config = run.config
+    full = mean_nll(nll)
+    sampled = mean_nll(nll[sample]) if sample.size else math.nan
+    summary = {
+        "tokens": int(np.isfinite(nll).sum()),
+        "mean_nll": _round(full),
+        "perplexity": _round(perplexity(full)),
+        "sampled": {
+            "stride": config.sample_stride,
+            "tokens": int(np.isfinite(nll[sample]).sum()) if sample.size else 0,
+            "mean_nll": _round(sampled),
+            "perplexity": _round(perplexity(sampled)),
+        },
+        "segments": _segments(nll, config.segment_tokens),
+    }
+    if config.compare_tokens is not None:
+        summary["head_tail"] = _head_tail(nll, config.warmup_tokens, config.compare_tokens)
+    return summary
+
+
+def _segments(nll: np.ndarray, width: int) -> list[dict[str, Any]]:
+    segments = []
+    for start in range(0, len(nll), width):
+        part = nll[start : start + width]
+        count = int(np.isfinite(part).sum())
+        if count:
+            segments.append({"start": start, "end": start + len(part), "tokens": count,
+                             "perplexity": _round(perplexity(mean_nll(part)))})
+    return segments
+
+
+def _head_tail(nll: np.ndarray, warmup: int, span: int) -> dict[str, Any]:
+    """Compare positions [warmup, warmup + span) with the last ``span`` positions."""
+    head, tail = nll[warmup : warmup + span], nll[max(warmup, len(nll) - span) :]
+    head_ppl, tail_ppl = perplexity(mean_nll(head)), perplexity(mean_nll(tail))
+    return {
+        "warmup_tokens": warmup,
+        "span_tokens": span,
+        "head_perplexity": _round(head_ppl),
+        "tail_perplexity": _round(tail_ppl),
+        "tail_over_head": _round(tail_ppl / head_ppl) if head_ppl else None,
+    }
+
+
+def _round(value: float) -> float | None:
+    return None if not math.isfinite(value) else round(value, 4)
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def write_nll(run: RunResult, path: Path) -> None:
+    """Write per-position NLL as ``.npz``: one float32 array per ``<document>/<mode>``, NaN where unscored."""
+    arrays = {
+        f"{document.name}/{mode}": result.nll[doc_index]
+        for doc_index, document in enumerate(run.documents)
+        for mode, result in run.modes.items()
+    }
+    with path.open("wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def plot_log_perplexity(run: RunResult, path: Path) -> None:
+    """Plot log-perplexity (mean NLL per segment) against tokens processed, one panel per document."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = run.config.segment_tokens
+    num_docs = len(run.documents)
+    figure, axes = plt.subplots(num_docs, 1, figsize=(8, 3.2 * num_docs), squeeze=False)
+    for doc_index, document in enumerate(run.documents):
+        axis = axes[doc_index][0]
+        for mode, result in run.modes.items():
+            centers, values = [], []
+            nll = result.nll[doc_index]
+            for start in range(0, len(nll), width):
+                value = mean_nll(nll[start : start + width])
+                if math.isfinite(value):
+                    centers.append(start + width / 2)
+                    values.append(value)
+            style = "o--" if mode == "recompute" and run.config.sample_stride > 1 else "-"
+            axis.plot(centers, values, style, label=mode, markersize=3)
+        if run.trained_positions and run.trained_positions < len(document.token_ids):
+            axis.axvline(run.trained_positions, color="grey", linestyle=":", label="trained positions")
+        axis.set_title(f"{document.name} (cache {run.config.cache_tokens}, {run.config.sink_tokens} sinks)")
+        axis.set_xlabel("tokens processed")
+        axis.set_ylabel(f"log perplexity (per {width} tokens)")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
