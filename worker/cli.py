@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "worker.commands.models",
     "worker.commands.generate",
     "worker.commands.stage",
+    "worker.commands.tools",
     "worker.commands.snapshots",
     "worker.commands.evaluate",
 )
