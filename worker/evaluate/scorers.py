@@ -143,14 +143,11 @@ def score_engine(
             for stream_id, document in zip(stream_ids, documents)
             if start < len(document.token_ids)
         }
-        scores = engine.score(feed)  # stream id -> [appended tokens, vocab] logits or log-probs
-        for doc_index, (stream_id, document) in enumerate(zip(stream_ids, documents)):
-            if stream_id not in feed:
-                continue
-            targets = document.token_ids[start + 1 : start + 1 + len(feed[stream_id])]
-            logits = scores[stream_id][: len(targets)]
-            target_tensor = torch.tensor(targets, device=logits.device)
-            nll[doc_index][start + 1 : start + 1 + len(targets)] = _next_token_nll(logits, target_tensor)
+        scores = engine.score(feed)  # stream id -> [fed tokens] log-probability of each fed token
+        for doc_index, stream_id in enumerate(stream_ids):
+            if stream_id in feed:
+                fed = len(feed[stream_id])
+                nll[doc_index][start : start + fed] = (-scores[stream_id].float()).cpu().numpy()
         progress(sum(len(tokens) for tokens in feed.values()))
         if on_call is not None:
             on_call(min(start + call_tokens, longest))
