@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from topology.schemas import Event, EventLimits, OutputRecord, build_dead_letter, parse_event
+from topology.schemas import (
+    DEAD_LETTER_REASONS,
+    HEADER_DLQ_MESSAGE,
+    HEADER_DLQ_OFFSET,
+    HEADER_DLQ_PARTITION,
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_TOPIC,
+    Event,
+    EventLimits,
+    OutputRecord,
+    build_dead_letter,
+    parse_event,
+)
 from worker.exceptions import InvalidEventError
 
-__all__ = ["ControlResult", "InvalidEventError", "parse_record"]
+__all__ = ["ENGINE_ERROR", "InvalidEventError", "parse_record"]
 
-CONTROL_ACTIONS = ("reset", "end")
-
-
-@dataclass(frozen=True)
-class ControlResult:
-    """The outcome of a reset or end event, shaped like the engine's ``Result``."""
-
-    stream_id: str
-    event_id: str
-    text: str = ""
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    cached_tokens: int = 0
-    evicted_tokens: int = 0
+# Dead-letter reason of an event the engine could not process (for example, the tokenizer failed).
+ENGINE_ERROR = "engine_error"
 
 
 def parse_record(record: ConsumerRecord, limits: EventLimits, raw_action: str) -> Event:
@@ -44,14 +42,11 @@ def parse_record(record: ConsumerRecord, limits: EventLimits, raw_action: str) -
     )
 
 
-def is_control(event: Event) -> bool:
-    return event.action in CONTROL_ACTIONS
-
-
 def to_request(event: Event, request_id: str) -> Any:
-    """Build the engine ``Request`` of an append or generate event."""
+    """Build the engine ``Request`` of an event; ``generate`` is an append followed by a reply."""
     from worker.engine import Request
 
+    action = "append" if event.action == "generate" else event.action
     generate = event.generate.to_engine() if event.generate is not None else None
     return Request(
         stream_id=event.stream_id,
@@ -59,16 +54,8 @@ def to_request(event: Event, request_id: str) -> Any:
         text=event.text,
         role=event.role,
         generate=generate,
+        action=action,
     )
-
-
-def apply_control(engine: Any, event: Event, request_id: str) -> ControlResult:
-    """Run a reset or end event in the engine thread: reset clears the stream, end frees it."""
-    if event.action == "reset":
-        engine.reset_stream(event.stream_id)
-    else:
-        engine.drop_stream(event.stream_id)
-    return ControlResult(stream_id=event.stream_id, event_id=request_id)
 
 
 def drop_streams(engine: Any, stream_ids: set[str]) -> None:
@@ -101,6 +88,18 @@ def output_message(
 
 def dead_letter_message(record: ConsumerRecord, error: InvalidEventError) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Return the value and headers of the dead letter of ``record``: original bytes plus the reason."""
+    if error.reason not in DEAD_LETTER_REASONS:
+        # TODO: build_dead_letter accepts only input-validation reasons; ask topology.schemas to
+        # list engine_error too, then drop this branch.
+        headers = [(name, data or b"") for name, data in record.headers]
+        headers += [
+            (HEADER_DLQ_REASON, error.reason.encode()),
+            (HEADER_DLQ_MESSAGE, str(error).encode("utf-8", "replace")[:1024]),
+            (HEADER_DLQ_TOPIC, record.topic.encode()),
+            (HEADER_DLQ_PARTITION, str(record.partition).encode()),
+            (HEADER_DLQ_OFFSET, str(record.offset).encode()),
+        ]
+        return record.value or b"", headers
     message = build_dead_letter(
         record.key, record.value, record.headers, record.topic, record.partition, record.offset, error,
         timestamp_ms=record.timestamp,

@@ -121,6 +121,9 @@ class CheckpointSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    store: Literal["none", "redis"] = Field(
+        "none", description="where stream snapshots go: none (rebuild from the input) or redis"
+    )
     interval_events: int = Field(1000, ge=1, description="commit after this many done events")
     interval_s: float = Field(5.0, gt=0, le=3600, description="commit at least this often, seconds")
     max_unsafe_s: float = Field(

@@ -65,11 +65,6 @@ class PendingEvent:
         """The engine's event id; unique per record, unlike the producer's event id."""
         return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
 
-    @property
-    def exclusive(self) -> bool:
-        """Control events (reset, drop) run alone, after every earlier event of the stream."""
-        return messages.is_control(self.event)
-
 
 @dataclass
 class PartitionState:
@@ -277,18 +272,9 @@ class StageWorker:
                 continue
             pending.submitted_at = time.monotonic()
             self._in_engine[pending.request_id] = pending
-            if pending.exclusive:
-                self._spawn(self._run_control(pending))
-            else:
-                self.runner.submit(messages.to_request(pending.event, pending.request_id))
+            self.runner.submit(messages.to_request(pending.event, pending.request_id))
         if self.metrics is not None:
             self.metrics.queue_events.set(self._dispatcher.num_queued)
-
-    async def _run_control(self, pending: PendingEvent) -> None:
-        # The dispatcher hands out a control event only when no earlier event of its stream
-        # is in the engine, so the reset or drop cannot overtake them.
-        result = await self.runner.call(lambda engine: messages.apply_control(engine, pending.event, pending.request_id))
-        self._on_results([result], None)
 
     # -- results and outputs -------------------------------------------------------------
 
@@ -305,7 +291,10 @@ class StageWorker:
             if pending is None:
                 continue  # abandoned by a revoke
             self._dispatcher.complete(pending.stream_id)
-            self._finish(pending, result)
+            if result.error:
+                self._engine_failed(pending, result.error)
+            else:
+                self._finish(pending, result)
         self._dispatch()
         self._progress.set()
 
@@ -314,13 +303,16 @@ class StageWorker:
         if pending is None:
             return
         self._dispatcher.complete(pending.stream_id)
-        logger.error(
-            "the engine rejected event at %s offset %d of stream %s: %s",
-            _tp_name(pending.tp), pending.offset, pending.stream_id, exc,
-        )
-        error = messages.InvalidEventError("engine_error", f"the engine rejected the event: {exc}")
-        self._dead_letter(self._partitions.get(pending.tp), pending.record, error)
+        self._engine_failed(pending, str(exc))
         self._dispatch()
+
+    def _engine_failed(self, pending: PendingEvent, message: str) -> None:
+        logger.error(
+            "the engine failed on the event at %s offset %d of stream %s: %s",
+            _tp_name(pending.tp), pending.offset, pending.stream_id, message,
+        )
+        error = messages.InvalidEventError(messages.ENGINE_ERROR, f"the engine failed on the event: {message}")
+        self._dead_letter(self._partitions.get(pending.tp), pending.record, error)
 
     def _finish(self, pending: PendingEvent, result: Any) -> None:
         state = self._partitions.get(pending.tp)
