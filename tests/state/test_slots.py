@@ -34,3 +34,15 @@ def test_changed_slots_nothing_written_is_empty():
 def test_filled_slots_caps_at_capacity():
     assert filled_slots(3, 4, 28) == 3
     assert filled_slots(1000, 4, 28) == 32
+
+
+def test_changed_slots_match_engine_layout():
+    # The slots a delta stores must be exactly those the engine writes.
+    from worker.engine.layout import StreamLayout, plan_append
+
+    layout = StreamLayout(sink_tokens=4, window_tokens=28)
+    for num_tokens in [3, 1, 9, 20, 28, 5, 17, 28, 2]:
+        plan = plan_append(layout, num_tokens)
+        expected = sorted(set(plan.write_slots))
+        assert changed_slots(layout.tokens_cached_total, plan.after.tokens_cached_total, 4, 28) == expected
+        layout = plan.after

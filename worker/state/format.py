@@ -262,6 +262,9 @@ def apply_chain(records: list[SnapshotRecord]) -> SnapshotRecord:
                 "chain", f"delta shape {tuple(delta.keys.shape)} does not fit base shape {tuple(keys.shape)}"
             )
         index = torch.tensor(delta.slots, dtype=torch.long)
+        if delta.slots and max(delta.slots) >= keys.shape[2]:
+            # The engine exports only the used prefix of the slots, so a delta may extend it.
+            keys, values = _grow(keys, max(delta.slots) + 1), _grow(values, max(delta.slots) + 1)
         keys[:, :, index, :] = delta.keys
         values[:, :, index, :] = delta.values
     last = records[-1]
@@ -273,6 +276,12 @@ def apply_chain(records: list[SnapshotRecord]) -> SnapshotRecord:
         keys=keys,
         values=values,
     )
+
+
+def _grow(tensor: torch.Tensor, num_slots: int) -> torch.Tensor:
+    grown = tensor.new_zeros((*tensor.shape[:2], num_slots, tensor.shape[3]))
+    grown[:, :, : tensor.shape[2]] = tensor
+    return grown
 
 
 def split_chunks(data: bytes, chunk_max_bytes: int) -> list[memoryview]:
