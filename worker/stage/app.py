@@ -48,8 +48,13 @@ async def run_worker(
     engine: Any | None = None,
     hooks: StreamStateHooks | None = None,
     install_signal_handlers: bool = True,
+    created: asyncio.Future | None = None,
 ) -> StageWorker:
-    """Run a worker until SIGTERM or SIGINT, then shut down within ``stage.shutdown_grace_s``."""
+    """Run a worker until SIGTERM or SIGINT, then shut down within ``stage.shutdown_grace_s``.
+
+    ``created`` receives the :class:`StageWorker` once it exists, so that an embedding
+    program (the demo) can stop it with ``request_stop()``.
+    """
     from worker.metrics import HealthState, WorkerMetrics, start_metrics_server
 
     metrics = WorkerMetrics()
@@ -77,6 +82,8 @@ async def run_worker(
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, _on_signal, worker, signum)
+        if created is not None:
+            created.set_result(worker)
         await worker.run()
         return worker
     finally:
