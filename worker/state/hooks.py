@@ -35,7 +35,7 @@ from worker.state.chain import Chain
 from worker.state.config import StateConfig
 from worker.state.exceptions import ChainConflictError, SnapshotRejectedError, StoreUnavailableError
 from worker.state.snapshots import CacheState, StreamSnapshotter
-from worker.state.store import SnapshotStore
+from worker.state.store import SnapshotStore, make_client
 
 logger = logging.getLogger(__name__)
 
@@ -302,3 +302,38 @@ class RedisStateHooks:
     def _count_restore(self, source: str, started: float, num_bytes: int = 0) -> None:
         if self.metrics is not None:
             self.metrics.restored(source, time.perf_counter() - started, num_bytes)
+
+
+def from_worker_settings(settings: Any, engine: Any, metrics: Any | None = None) -> RedisStateHooks:
+    """Return hooks for a worker: Redis from ``settings.redis``, intervals from ``settings.checkpoint``."""
+    from worker.state.engine_adapter import to_cache_state, to_engine_snapshot
+
+    redis_settings = settings.redis
+    url = redis_settings.url
+    if redis_settings.tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    config = StateConfig(
+        redis_url=url,
+        key_prefix=redis_settings.key_prefix.rstrip(":") or "sinkstream",
+        socket_timeout_s=max(redis_settings.socket_timeout_s, 1.0),
+        checkpoint_interval_events=settings.checkpoint.interval_events,
+        checkpoint_interval_s=settings.checkpoint.interval_s,
+        max_unsafe_s=settings.checkpoint.max_unsafe_s,
+        max_resident_streams=settings.engine.max_resident_streams,
+        max_host_streams=settings.engine.max_host_streams,
+    )
+    connection_kwargs: dict[str, Any] = {}
+    if redis_settings.password is not None:
+        connection_kwargs["password"] = redis_settings.password.get_secret_value()
+    if redis_settings.ssl_ca_certs is not None:
+        connection_kwargs["ssl_ca_certs"] = str(redis_settings.ssl_ca_certs)
+    store = SnapshotStore(config, make_client(config, **connection_kwargs))
+    return RedisStateHooks(
+        config,
+        fingerprint=engine.loaded.fingerprint,
+        engine_config=engine.snapshot_config(),
+        to_state=to_cache_state,
+        from_state=to_engine_snapshot,
+        store=store,
+        metrics=metrics,
+    )

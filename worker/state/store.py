@@ -55,6 +55,22 @@ class Head:
     committed: Chain | None
 
 
+def make_client(config: StateConfig, **connection_kwargs: Any) -> aioredis.Redis:
+    """Return a redis.asyncio client with the timeouts and retries of ``config``.
+
+    ``connection_kwargs`` (password, ssl_ca_certs, ...) go to ``Redis.from_url``.
+    """
+    return aioredis.Redis.from_url(
+        config.redis_url,
+        socket_timeout=config.socket_timeout_s,
+        socket_connect_timeout=config.connect_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=config.retry_backoff_cap_s, base=0.05), config.retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+        **connection_kwargs,
+    )
+
+
 def new_record_id() -> str:
     """Return a record id that sorts by creation time and never repeats."""
     return f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
@@ -66,14 +82,7 @@ class SnapshotStore:
     def __init__(self, config: StateConfig, client: aioredis.Redis | None = None) -> None:
         self.config = config
         self.prefix = config.key_prefix
-        self._client = client or aioredis.Redis.from_url(
-            config.redis_url,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.connect_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=config.retry_backoff_cap_s, base=0.05), config.retries),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-            health_check_interval=30,
-        )
+        self._client = client or make_client(config)
 
     @property
     def client(self) -> aioredis.Redis:

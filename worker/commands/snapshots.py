@@ -1,0 +1,125 @@
+"""``sinkstream snapshots ls|show|rm``: inspect and delete stream snapshots in Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "snapshots",
+        help="list, show or delete stream snapshots in Redis",
+        description="Inspect the per-stream cache snapshots that workers store in Redis.",
+    )
+    parser.add_argument(
+        "--redis-url", default=None, help="Redis URL (default: $SINKSTREAM_STATE_REDIS_URL or redis://127.0.0.1:6379/0)"
+    )
+    parser.add_argument(
+        "--key-prefix", default=None, help="key namespace of the workers (default: $SINKSTREAM_STATE_KEY_PREFIX or sinkstream)"
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    ls = actions.add_parser("ls", help="list streams that have a snapshot, with sizes and offsets")
+    ls.add_argument("--limit", type=int, default=0, help="list at most this many streams (default 0: all)")
+    ls.set_defaults(func=run_snapshots_command)
+
+    show = actions.add_parser("show", help="print a stream's chains and the header of each record")
+    show.add_argument("stream_id")
+    show.set_defaults(func=run_snapshots_command)
+
+    rm = actions.add_parser("rm", help="delete a stream's snapshot; its next owner starts it from an empty cache")
+    rm.add_argument("stream_id", nargs="+")
+    rm.set_defaults(func=run_snapshots_command)
+
+
+def run_snapshots_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from worker.state.config import StateConfig
+    from worker.state.store import SnapshotStore
+
+    overrides: dict[str, Any] = {}
+    if args.redis_url:
+        overrides["redis_url"] = args.redis_url
+    if args.key_prefix:
+        overrides["key_prefix"] = args.key_prefix
+    store = SnapshotStore(StateConfig(**overrides))
+    try:
+        if args.action == "ls":
+            return await _list(store, args.limit)
+        if args.action == "show":
+            return await _show(store, args.stream_id)
+        return await _remove(store, args.stream_id)
+    finally:
+        await store.close()
+
+
+async def _list(store: Any, limit: int) -> int:
+    print(f"{'stream':<40} {'records':>7} {'bytes':>12} {'topic[partition]':<24} {'last offset':>11} committed")
+    count = 0
+    async for stream_id in store.list_streams():
+        head = await store.read_head(stream_id)
+        chain = head.latest or head.committed
+        if chain is None:
+            continue
+        where = f"{chain.topic}[{chain.partition}]" if chain.topic is not None else "-"
+        committed = "yes" if head.committed == head.latest else "no"
+        print(f"{stream_id:<40} {len(chain.records):>7} {chain.num_bytes:>12} {where:<24} {chain.last_offset!s:>11} {committed}")
+        count += 1
+        if limit and count >= limit:
+            break
+    print(f"{count} streams")
+    return 0
+
+
+async def _show(store: Any, stream_id: str) -> int:
+    from worker.state.exceptions import SnapshotRejectedError
+    from worker.state.format import read_header
+
+    head = await store.read_head(stream_id)
+    if head.latest is None and head.committed is None:
+        print(f"no snapshot of stream {stream_id!r} under prefix {store.prefix!r}")
+        return 1
+    status = 0
+    for name, chain in (("latest", head.latest), ("committed", head.committed)):
+        if chain is None:
+            print(f"{name}: none")
+            continue
+        print(f"{name}: {len(chain.records)} records, {chain.num_bytes} bytes, {chain.topic}[{chain.partition}] "
+              f"through offset {chain.last_offset}, {chain.tokens_written} tokens written")
+        if name == "committed" and chain == head.latest:
+            print("  (same chain as latest)")
+            continue
+        for ref in chain.records:
+            try:
+                header = read_header(await store.read_record(stream_id, ref))
+            except SnapshotRejectedError as exc:
+                print(f"  {ref.kind} {ref.record_id}: {ref.num_bytes} bytes, REJECTED ({exc.reason}): {exc}")
+                status = 2
+                continue
+            metadata = {key: value for key, value in header["metadata"].items() if key not in ("layout", "extra")}
+            print(f"  {header['kind']} {ref.record_id}: {ref.num_bytes} bytes in {ref.num_chunks} chunks, checksum ok")
+            print(f"    model {header['fingerprint']}, engine {json.dumps(header['engine_config'], sort_keys=True)}")
+            print(f"    metadata {json.dumps(metadata, sort_keys=True)}")
+            for tensor in header["tensors"]:
+                print(f"    {tensor['name']}: {tensor['dtype']} {tensor['shape']}, {tensor['codec']}, "
+                      f"{tensor['raw_len']} -> {tensor['stored_len']} bytes")
+    return status
+
+
+async def _remove(store: Any, stream_ids: list[str]) -> int:
+    status = 0
+    for stream_id in stream_ids:
+        deleted = await store.delete_stream(stream_id)
+        if deleted:
+            print(f"deleted the snapshot of stream {stream_id!r} ({deleted} keys)")
+        else:
+            print(f"no snapshot of stream {stream_id!r}")
+            status = 1
+    return status
