@@ -1,0 +1,66 @@
+"""Bad input goes to the dead-letter topic with its original bytes; the partition moves on."""
+
+from __future__ import annotations
+
+import json
+
+from tests.stage.conftest import consume, output_json, produce, running_worker
+from topology.schemas import read_dead_letter
+
+MAX_EVENT_BYTES = 200
+MAX_NEW_TOKENS = 16
+
+# (description, key, value, headers, expected reason)
+BAD_INPUTS = [
+    ("invalid json", b"s1", b'{"stream_id": "s1", "action": ', [("content-type", b"application/json")],
+     "invalid_json"),
+    ("invalid utf-8 raw", b"s1", b"caf\xc3(", None, "invalid_utf8"),
+    ("invalid utf-8 json", b"s1", b'{"stream_id": "s1", "text": "\xff"}', [("content-type", b"application/json")],
+     "invalid_utf8"),
+    ("wrong type", b"s1", json.dumps({"stream_id": "s1", "action": "append", "text": 42}).encode(), None,
+     "wrong_type"),
+    ("unknown action", b"s1", json.dumps({"stream_id": "s1", "action": "explode", "text": "x"}).encode(), None,
+     "unknown_action"),
+    ("missing text", b"s1", json.dumps({"stream_id": "s1", "action": "append"}).encode(), None, "missing_text"),
+    ("text too large", b"s1", b"x" * (MAX_EVENT_BYTES + 1), None, "text_too_large"),
+    ("max_new_tokens zero", b"s1", json.dumps({"stream_id": "s1", "action": "generate", "text": "hi",
+                                               "generate": {"max_new_tokens": 0}}).encode(), None,
+     "invalid_max_new_tokens"),
+    ("max_new_tokens above limit", b"s1", json.dumps({"stream_id": "s1", "action": "generate", "text": "hi",
+                                                      "generate": {"max_new_tokens": MAX_NEW_TOKENS + 1}}).encode(),
+     None, "invalid_max_new_tokens"),
+    ("empty value", b"s1", b"", None, "empty_value"),
+    ("null key without stream id", None, b"plain text with no key", None, "missing_stream_id"),
+]
+
+
+async def test_dead_letters_bad_inputs_partition_continues(broker, stage_topics, make_settings, make_engine):
+    settings = make_settings(stage={"max_event_bytes": MAX_EVENT_BYTES, "max_new_tokens_limit": MAX_NEW_TOKENS,
+                                    "default_max_new_tokens": 4})
+    records = []
+    for index, (_, key, value, headers, _) in enumerate(BAD_INPUTS):
+        records.append((key, value, (headers or []) + [("trace", f"bad-{index}".encode())]))
+        records.append((b"s1", f"good event {index}".encode(), None))  # a good event after each bad one
+    # Everything goes to partition 0, so each bad record sits between good ones of one partition.
+    await produce(broker.bootstrap_servers, stage_topics.events, records, partition_of=lambda key: 0)
+
+    async with running_worker(settings, make_engine()) as worker:
+        dead = await consume(broker.bootstrap_servers, stage_topics.dlq, len(BAD_INPUTS), timeout_s=60)
+        outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(BAD_INPUTS), timeout_s=60)
+        assert not worker.runner.error
+    assert worker.stats.dead_letters == len(BAD_INPUTS)
+    assert len(dead) == len(BAD_INPUTS)
+    assert len(outputs) == len(BAD_INPUTS)  # every good event after a bad one was processed
+    assert [output_json(record)["source"]["offset"] for record in outputs] == list(range(1, 2 * len(BAD_INPUTS), 2))
+
+    for index, (record, (description, key, value, headers, reason)) in enumerate(zip(dead, BAD_INPUTS)):
+        info = read_dead_letter(record.headers)
+        assert info.reason == reason, description
+        assert record.key == key, description
+        assert record.value == value, description
+        assert (info.topic, info.partition, info.offset) == (stage_topics.events, 0, 2 * index), description
+        assert ("trace", f"bad-{index}".encode()) in list(record.headers), description
+    expected_counts: dict[str, int] = {}
+    for *_, reason in BAD_INPUTS:
+        expected_counts[reason] = expected_counts.get(reason, 0) + 1
+    assert worker.stats.dead_letter_reasons == expected_counts
