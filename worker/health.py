@@ -1,5 +1,10 @@
 """Worker health: readiness bookkeeping and the ``/metrics``, ``/healthz``, ``/readyz`` server.
 
+Endpoints: ``/healthz`` returns 200 while the process serves HTTP (liveness),
+``/startupz`` returns 200 once the model is loaded (the startup probe, which must cover
+model loading), and ``/readyz`` returns 200 while :meth:`HealthState.ready` passes and
+503 with the reason otherwise.
+
 :class:`HealthState` is plain bookkeeping that the stage updates from its event loop:
 whether the model is loaded, which partitions the consumer holds, each partition's lag
 and the last time it made progress, and the Redis and Kafka connection state. It never
@@ -9,11 +14,10 @@ a lock.
 A consumer is *stuck* when a partition has records waiting (lag above zero) and its
 position has not moved for ``stuck_after_s`` seconds. aiokafka can stay connected after a
 broker restart and never fetch again, and no public attribute shows it. The only
-visible symptom is lag that does not shrink. The stuck check therefore needs a lag that
-is measured independently of the fetcher: the stage must compute it from
-``consumer.end_offsets()`` (a separate ListOffsets request), not from
-``consumer.highwater()``, which is only refreshed by fetch responses and so freezes
-together with a stuck fetcher.
+visible symptom is lag that does not shrink. So the stuck check needs a lag measured
+apart from the fetcher. The stage must compute it from ``consumer.end_offsets()`` (a
+separate ListOffsets request). ``consumer.highwater()`` is only refreshed by fetch
+responses, so it freezes together with a stuck fetcher.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class HealthSnapshot:
 class HealthState:
     """Readiness inputs of one worker, shared between its event loop and the HTTP server.
 
-    Ready means: the model is loaded, the Kafka consumer is connected and holds at least
+    Ready means: the model is loaded, the Kafka consumer is connected and has at least
     one partition, no partition is stuck, and (with ``max_unsafe_s``) processed events
     have not gone longer than that without a checkpoint. Redis being down does not make the worker
     unready, because events still flow without snapshots (snapshot failures show up in
@@ -259,7 +263,7 @@ def start_metrics_server(
         from worker.exceptions import ConfigError
 
         raise ConfigError(
-            f"cannot listen for metrics on {host}:{port}: {exc}; "
+            f"failed to listen for metrics on {host}:{port}: {exc}; "
             "set SINKSTREAM_METRICS__PORT to a free port"
         ) from exc
     httpd.daemon_threads = True
@@ -278,13 +282,16 @@ def _make_handler(metrics: WorkerMetrics, health: HealthState) -> type[BaseHTTPR
                 self._metrics()
             elif path == "/healthz":
                 self._reply(200, b"ok\n")
+            elif path == "/startupz":
+                loaded = health.snapshot().model_loaded
+                self._reply(200 if loaded else 503, b"model loaded\n" if loaded else b"model not loaded\n")
             elif path == "/readyz":
                 snap = health.snapshot()
                 metrics.update_health(snap)
                 status = 200 if snap.ready else 503
                 self._reply(status, (snap.reason + "\n").encode())
             else:
-                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+                self._reply(404, b"not found: try /metrics, /healthz, /startupz or /readyz\n")
 
         def _metrics(self) -> None:
             metrics.update_health(health.snapshot())

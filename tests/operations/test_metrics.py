@@ -175,3 +175,10 @@ def test_server_port_in_use_raises_config_error(served):
     _, _, server = served
     with pytest.raises(ConfigError, match="SINKSTREAM_METRICS__PORT"):
         start_metrics_server(server.port, WorkerMetrics(CollectorRegistry()), HealthState())
+
+
+def test_startupz_follows_model_loading(served):
+    _, health, server = served
+    assert get(server.url + "/startupz")[0] == 503
+    health.set_model_loaded()
+    assert get(server.url + "/startupz")[0] == 200
