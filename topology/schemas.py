@@ -670,13 +670,13 @@ class OutputRecord:
     @classmethod
     def for_event(cls, event: Event, **fields: Any) -> OutputRecord:
         """Build the output of ``event``; ``fields`` gives text, counts, timings and worker identity."""
+        fields.setdefault("action", event.action)
         return cls(
             stream_id=event.stream_id,
             event_id=event.event_id,
             topic=event.topic,
             partition=event.partition,
             offset=event.offset,
-            action=event.action,
             **fields,
         )
 
