@@ -1,0 +1,271 @@
+"""The hand tools (topics create, produce, tail, dev up) against a real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tests.conftest_services import run_coroutine
+from topology.partitioner import partition_for_stream
+from topology.schemas import EventLimits, OutputRecord, parse_event
+from worker.commands import tools
+
+
+def run_tool(capsys, *argv: str) -> tuple[int, str]:
+    exit_code = tools.main(list(argv))
+    return exit_code, capsys.readouterr().out
+
+
+async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    records = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return sorted(records, key=lambda record: (record.partition, record.offset))
+
+
+async def _send(bootstrap: str, topic: str, messages) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for message in messages:
+            await producer.send_and_wait(topic, message.value, key=message.key, headers=list(message.headers))
+    finally:
+        await producer.stop()
+
+
+def make_output(stream_id: str, offset: int, text: str) -> OutputRecord:
+    return OutputRecord(
+        stream_id=stream_id, event_id=f"e-{offset}", topic="events", partition=0, offset=offset, text=text,
+        finish_reason="length", prompt_tokens=3, generated_tokens=4, cached_tokens=7, evicted_tokens=0,
+        queued_s=0.001, time_to_first_token_s=0.05, total_s=0.1, worker_id="w-test", model_fingerprint="fp",
+    )
+
+
+def test_topics_create_twice_reports_existing(broker, capsys, monkeypatch):
+    prefix = f"t-cli-{uuid.uuid4().hex[:8]}"
+    for role in ("EVENTS", "OUTPUTS", "DLQ"):
+        monkeypatch.setenv(f"SINKSTREAM_KAFKA__{role}_TOPIC", f"{prefix}.{role.lower()}")
+    monkeypatch.setenv("SINKSTREAM_ROUTER__INGRESS_TOPIC", f"{prefix}.ingress")
+
+    first_code, first = run_tool(capsys, "topics", "create", "--bootstrap-servers", broker.bootstrap_servers,
+                                 "--partitions", "2")
+    second_code, second = run_tool(capsys, "topics", "create", "--bootstrap-servers", broker.bootstrap_servers,
+                                   "--partitions", "2")
+
+    assert first_code == 0
+    assert f"{prefix}.events: created, 2 partitions" in first
+    assert f"{prefix}.dlq: created, 1 partitions" in first
+    assert second_code == 0
+    assert f"{prefix}.events: exists, 2 partitions" in second
+
+
+def test_topics_create_more_partitions_exits_nonzero(broker, capsys, monkeypatch):
+    prefix = f"t-cli-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("SINKSTREAM_KAFKA__EVENTS_TOPIC", f"{prefix}.events")
+    monkeypatch.setenv("SINKSTREAM_ROUTER__INGRESS_TOPIC", f"{prefix}.ingress")
+    run_tool(capsys, "topics", "create", "--bootstrap-servers", broker.bootstrap_servers, "--partitions", "1")
+
+    exit_code, out = run_tool(capsys, "topics", "create", "--bootstrap-servers", broker.bootstrap_servers,
+                              "--partitions", "3")
+
+    assert exit_code == 1
+    assert f"{prefix}.events: exists, 1 partitions (fewer than the 3 configured)" in out
+
+
+def test_produce_raw_texts_keyed_by_stream(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=4)
+
+    exit_code, out = run_tool(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic,
+                              "--stream", "stream-7", "first", "second")
+    records = run_coroutine(_read_all(broker.bootstrap_servers, topic, 2))
+
+    assert exit_code == 0
+    expected_partition = partition_for_stream("stream-7", 4)
+    assert out.split() == [f"{topic}[{expected_partition}]@0", f"{topic}[{expected_partition}]@1"]
+    assert [(record.key, record.value) for record in records] == [(b"stream-7", b"first"), (b"stream-7", b"second")]
+    assert records[0].partition == expected_partition
+
+
+def test_produce_json_generate_parses(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=2)
+
+    run_tool(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic, "--stream", "s",
+             "--generate", "--role", "user", "--max-new-tokens", "12", "--seed", "5", "Hi there")
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+    event = parse_event(record.key, record.value, record.headers, topic, record.partition, record.offset,
+                        EventLimits())
+
+    assert event.format == "json"
+    assert event.action == "generate"
+    assert event.role == "user"
+    assert event.text == "Hi there"
+    assert event.generate.max_new_tokens == 12
+    assert event.generate.seed == 5
+
+
+def test_produce_via_router_has_null_key(broker, new_topics, capsys, monkeypatch):
+    (ingress,) = new_topics("ingress", partitions=1)
+    monkeypatch.setenv("SINKSTREAM_ROUTER__INGRESS_TOPIC", ingress)
+
+    run_tool(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--stream", "s-r", "--via-router",
+             "hello")
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, ingress, 1))
+
+    assert record.key is None
+    assert json.loads(record.value)["stream_id"] == "s-r"
+
+
+def test_produce_reads_stdin_lines(broker, new_topics):
+    (topic,) = new_topics("events", partitions=1)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.commands.tools", "produce", "--bootstrap-servers", broker.bootstrap_servers,
+         "--topic", topic, "--stream", "s-in"],
+        input="line one\n\nline two\n", capture_output=True, text=True, timeout=60,
+    )
+    records = run_coroutine(_read_all(broker.bootstrap_servers, topic, 2))
+
+    assert result.returncode == 0, result.stderr
+    assert [record.value for record in records] == [b"line one\n", b"line two\n"]
+
+
+def test_produce_without_text_fails(broker, new_topics):
+    (topic,) = new_topics("events", create=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.commands.tools", "produce", "--bootstrap-servers", broker.bootstrap_servers,
+         "--topic", topic, "--stream", "s"],
+        input="", capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "no events to send" in result.stderr
+
+
+def test_tail_pretty_prints_outputs(broker, new_topics, capsys):
+    (outputs,) = new_topics("outputs", partitions=2)
+    messages = [make_output("alpha", 1, "one").to_message(), make_output("beta", 2, "two").to_message()]
+    run_coroutine(_send(broker.bootstrap_servers, outputs, messages))
+
+    exit_code, out = run_tool(capsys, "tail", "--bootstrap-servers", broker.bootstrap_servers, "--topic", outputs,
+                              "--from-beginning", "--max-messages", "2", "--idle-timeout", "10")
+
+    assert exit_code == 0
+    assert "[alpha] one" in out
+    assert "[beta] two" in out
+    assert "finish=length tokens: prompt=3 generated=4 cached=7 evicted=0" in out
+
+
+def test_tail_json_lines_filters_stream(broker, new_topics, capsys):
+    (outputs,) = new_topics("outputs", partitions=2)
+    messages = [make_output("alpha", offset, f"a{offset}").to_message() for offset in range(3)]
+    messages.append(make_output("beta", 9, "b").to_message())
+    run_coroutine(_send(broker.bootstrap_servers, outputs, messages))
+
+    exit_code, out = run_tool(capsys, "tail", "--bootstrap-servers", broker.bootstrap_servers, "--topic", outputs,
+                              "--from-beginning", "--json-lines", "--stream", "alpha", "--idle-timeout", "3")
+    lines = [json.loads(line) for line in out.splitlines()]
+
+    assert exit_code == 0
+    assert [line["output"]["text"] for line in lines] == ["a0", "a1", "a2"]
+    assert {line["key"] for line in lines} == {"alpha"}
+    assert lines[0]["output"]["idempotency_key"] == "alpha@events[0]:0"
+
+
+def test_tail_shows_dead_letter_reason(broker, new_topics, capsys):
+    from topology.schemas import build_dead_letter
+    from worker.exceptions import InvalidEventError
+
+    (dlq,) = new_topics("dlq", partitions=1)
+    error = InvalidEventError("invalid_json", "the value is not valid JSON")
+    run_coroutine(_send(broker.bootstrap_servers, dlq, [build_dead_letter(b"k", b"{oops", None, "events", 1, 5, error)]))
+
+    exit_code, out = run_tool(capsys, "tail", "--bootstrap-servers", broker.bootstrap_servers, "--topic", dlq,
+                              "--from-beginning", "--max-messages", "1", "--idle-timeout", "10")
+
+    assert exit_code == 0
+    assert "DEAD LETTER invalid_json: the value is not valid JSON" in out
+    assert "from events[1]@5" in out
+
+
+def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return "".join(lines)
+    raise AssertionError(f"{marker!r} not printed within {timeout_s} s; output so far:\n{''.join(lines)}")
+
+
+def _port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_dev_up_starts_services_and_stops_on_signal(stop_signal):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.commands.tools", "dev", "up", "--kafka-port", "0", "--redis-port", "0",
+         "--partitions", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        out = _read_until(process, "Press Ctrl-C", 90)
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in out.splitlines() if line.startswith("export ")
+        )
+        bootstrap = exports["SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
+        redis_url = exports["SINKSTREAM_REDIS__URL"]
+        redis_address = redis_url.removeprefix("redis://").split("/")[0]
+
+        assert "topic sinkstream.events: 2 partitions" in out
+        assert "topic sinkstream.dlq: 1 partitions" in out
+        assert _port_open(bootstrap)
+        assert _port_open(redis_address)
+
+        process.send_signal(stop_signal)
+        assert process.wait(60) == 0
+        assert not _port_open(bootstrap)
+        assert not _port_open(redis_address)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def test_dev_up_busy_port_fails_with_hint():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.commands.tools", "dev", "up", "--kafka-port", str(port), "--no-redis"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode != 0
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
