@@ -33,7 +33,8 @@ def test_snapshots_ls_show_rm(state_config, capsys):
 
     assert run_cli(state_config, "ls") == 0
     listing = capsys.readouterr().out
-    assert "alpha" in listing and "beta" in listing
+    assert "alpha" in listing
+    assert "beta" in listing
     assert "events[1]" in listing
     assert "2 streams" in listing
 

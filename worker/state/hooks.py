@@ -39,7 +39,7 @@ from worker.state.store import SnapshotStore, make_client
 
 logger = logging.getLogger(__name__)
 
-RESTORE_RETRY_MAX_S = 5.0  # longest wait between two restore attempts while Redis is down
+RESTORE_RETRY_MAX_S = 5.0  # maximum wait between two restore attempts while Redis is down
 
 
 @dataclass
@@ -150,7 +150,7 @@ class RedisStateHooks:
             # Another worker owns the stream now (this one lost the partition without
             # noticing); committing would claim events this worker no longer owns.
             logger.error(
-                "checkpoint of %s[%d] at offset %d refused: %s; not committing",
+                "checkpoint of %s[%d] at offset %d rejected: %s; not committing",
                 tp.topic, tp.partition, next_offset, exc,
             )
             self.stats.checkpoints_refused += 1
@@ -214,8 +214,8 @@ class RedisStateHooks:
     async def _snapshot_stream(self, stream_id: str, tp: TopicPartition, last_offset: int) -> bool:
         exported = await self._stage.export_stream(stream_id)
         if exported is None:
-            # The engine no longer holds the stream (a drop event): its snapshot goes too,
-            # so a later restore does not bring back the dropped cache.
+            # The engine no longer contains the stream (a drop event). Its snapshot is
+            # deleted too, so a later restore does not bring back the dropped cache.
             await self.store.delete_stream(stream_id)
             self._latest.pop(stream_id, None)
             self._committed.pop(stream_id, None)
@@ -255,7 +255,7 @@ class RedisStateHooks:
         return None
 
     async def _retry_until_available(self, operation: Callable[[], Any], stream_id: str, tp: TopicPartition) -> Any:
-        """Run ``operation`` until Redis answers; a restore must not start a stream empty for a Redis outage."""
+        """Run ``operation`` until Redis replies, because a Redis outage must not start a stream empty."""
         delay = 0.1
         while True:
             try:

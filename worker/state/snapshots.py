@@ -48,7 +48,7 @@ class CacheState:
 
 @dataclass
 class SaveStats:
-    """What one save wrote."""
+    """Sizes and durations of one save."""
 
     kind: str
     num_slots: int
@@ -62,9 +62,10 @@ class SaveStats:
 def plan_delta(previous: Chain | None, state: CacheState, max_deltas: int) -> list[int] | None:
     """Return the slots a delta on top of ``previous`` must hold, or None when a new base is due.
 
-    A base is due when there is no previous chain, when the stream was reset, when the
-    chain already has ``max_deltas`` deltas, or when the deltas would together rewrite
-    at least a full cache's worth of slots (then a base is smaller than the deltas).
+    A base is due when there is no previous chain, when the stream was reset, or when
+    the chain already has ``max_deltas`` deltas. It is also due when the deltas would
+    together rewrite at least as many slots as the cache has, because then a base is
+    smaller than the deltas.
     """
     if previous is None or not previous.records or max_deltas == 0:
         return None

@@ -10,9 +10,10 @@ Write path, for one stream:
 3. Records of the previous chain that neither ``latest`` nor ``committed`` references
    are deleted.
 
-Every I/O call runs shielded from cancellation: a caller that is cancelled (a
-timeout, a revoked partition) leaves the command to finish, so a pooled connection
-is never returned with an unread reply (redis-py issues #2624 and #2665).
+Every I/O call runs shielded from cancellation. A caller that is cancelled (a timeout, a
+revoked partition) leaves the command to finish, so a pooled connection is not returned
+with an unread reply, which the next command would read as its own (seen in redis-py
+4.5.1 to 4.5.3, redis-py issues #2624 and #2665).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class SnapshotStore:
             raise StoreUnavailableError(f"Redis command failed during {what}: {exc}") from exc
 
     async def ping(self) -> bool:
-        """Return True when Redis answers PING."""
+        """Return True when Redis replies to PING."""
         try:
             return bool(await self._run(self._client.ping, "PING"))
         except StoreUnavailableError:
