@@ -2,7 +2,7 @@
 
 - ``broker``: one broker for the session. ``SINKSTREAM_TEST_BOOTSTRAP=host:port`` uses a
   broker that is already running; otherwise a testcontainers Kafka when a Docker engine
-  answers, else the Tansu binary from ``worker.devservices``.
+  responds, else the Tansu binary from ``worker.devservices``.
 - ``redis_server``: one Redis for the session, chosen the same way
   (``SINKSTREAM_TEST_REDIS_URL``, testcontainers, ``start_redis()``).
 - ``new_topics``: a factory that creates topics with names unique to the test.
@@ -49,7 +49,7 @@ class ExternalService:
 
 
 def docker_available() -> bool:
-    """Return True when a Docker engine answers ``docker info`` within 10 s."""
+    """Return True when ``docker info`` reaches a Docker engine within 10 s."""
     if shutil.which("docker") is None:
         return False
     try:

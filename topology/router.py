@@ -10,10 +10,12 @@ with ``parse_event`` and
 
 Only then does it move on, and faust commits an ingress offset only after the record
 has been handled, so every record is routed at least once (a crash may route a record
-twice, and the copy carries the same ``event_id``). The agent runs with concurrency 1:
-with more, faust-streaming can commit offsets past records still in flight (faust-streaming
-issue 606), which would lose them on a crash. Records keep their order per ingress
-partition; events of one stream sent to different ingress partitions have no order.
+twice, and the copy carries the same ``event_id``). The agent runs with concurrency 1,
+because faust-streaming can commit offsets past records that a concurrent agent instance
+has not finished (a known faust-streaming bug), which would lose them on a crash.
+
+Records keep their order per ingress partition. Events of one stream sent to different
+ingress partitions have no defined order.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """Where one ingress record goes, and the record to write there."""
+    """Routing outcome of one ingress record: the target topic role and the record to write there."""
 
     target: Literal["events", "dlq"]
     message: KafkaMessage

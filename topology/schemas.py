@@ -253,7 +253,7 @@ def parse_event(
     A record is JSON when its ``content-type`` header is ``application/json``, or, with no
     ``content-type`` header, when its value starts with ``{`` (after whitespace) and parses
     as a JSON object with at least one field of the event schema. Any other record is raw
-    text keyed by stream id, and ``raw_action`` says what it does. ``accept_raw=False``
+    text keyed by stream id, and ``raw_action`` sets what it does. ``accept_raw=False``
     rejects raw records as ``invalid_json`` (the router's ingress topic takes JSON only).
 
     ``require_key_match`` rejects a JSON event whose ``stream_id`` differs from the record
@@ -757,7 +757,7 @@ class OutputRecord:
 
 @dataclass(frozen=True)
 class DeadLetterInfo:
-    """Why a record was dead-lettered and where it came from, read from its headers."""
+    """Dead-letter reason and source coordinates of a record, read from its headers."""
 
     reason: str
     message: str

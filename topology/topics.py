@@ -135,7 +135,7 @@ class TopicCreationError(SinkstreamError):
 
 @dataclass(frozen=True)
 class TopicCreation:
-    """What ``create_topics`` did with one topic."""
+    """Outcome of ``create_topics`` for one topic."""
 
     name: str
     created: bool
