@@ -119,3 +119,39 @@ async def running_worker(settings, engine, hooks=None):
     finally:
         worker.request_stop()
         await asyncio.wait_for(task, 60)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """The tiny model saved as a Hugging Face directory, for workers run as subprocesses."""
+    from tests.models import tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def settings_env(settings) -> dict[str, str]:
+    """Return SINKSTREAM_* variables that reproduce ``settings`` in a subprocess."""
+    env = {}
+    for section, model in settings:
+        for name, value in model.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if name.endswith("password"):
+                value = getattr(model, name).get_secret_value()
+            env[f"SINKSTREAM_{section.upper()}__{name.upper()}"] = str(value)
+    return env
+
+
+async def committed_offsets(bootstrap_servers: str, group_id: str, topic: str, partitions: int) -> dict[int, int | None]:
+    """Return the group's committed offset of each partition (None where nothing was committed)."""
+    from aiokafka.structs import TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await consumer.stop()
