@@ -62,8 +62,11 @@ INVALID_TOP_P = "invalid_top_p"
 INVALID_TOP_K = "invalid_top_k"
 INVALID_STOP = "invalid_stop"
 INVALID_SEED = "invalid_seed"
+# Set by the worker, not by parse_event: the engine failed on a valid event (for example, in the tokenizer).
+ENGINE_ERROR = "engine_error"
 
-DEAD_LETTER_REASONS = (
+# Reasons parse_event raises, one per kind of invalid input.
+INPUT_REASONS = (
     EMPTY_VALUE,
     INVALID_UTF8,
     INVALID_JSON,
@@ -88,6 +91,7 @@ DEAD_LETTER_REASONS = (
     INVALID_STOP,
     INVALID_SEED,
 )
+DEAD_LETTER_REASONS = INPUT_REASONS + (ENGINE_ERROR,)
 
 _EVENT_FIELDS = frozenset({"schema", "stream_id", "event_id", "action", "text", "role", "generate"})
 _GENERATE_FIELDS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
@@ -260,7 +264,7 @@ def parse_event(
     key, null keys included: a stream's events must share one key, so that they share one
     partition and one worker. The router turns it off because it re-keys events.
 
-    Raises ``InvalidEventError`` whose ``reason`` is one of ``DEAD_LETTER_REASONS``.
+    Raises ``InvalidEventError`` whose ``reason`` is one of ``INPUT_REASONS``.
     """
     if not value:
         raise InvalidEventError(EMPTY_VALUE, "the record value is empty; send the text or a JSON event as the value")

@@ -10,6 +10,7 @@ from topology import schemas
 from topology.schemas import (
     DEAD_LETTER_REASONS,
     EventLimits,
+    INPUT_REASONS,
     GenerationOptions,
     OutputRecord,
     build_dead_letter,
@@ -114,9 +115,10 @@ def test_parse_event_bad_input_raises_reason(key, value, headers, reason):
     assert isinstance(caught.value, SinkstreamError)
 
 
-def test_reason_table_covers_every_reason():
+def test_reason_table_covers_every_input_reason():
     covered = {case[-1] for case in BAD_INPUTS}
-    assert covered == set(DEAD_LETTER_REASONS)
+    assert covered == set(INPUT_REASONS)
+    assert set(DEAD_LETTER_REASONS) == set(INPUT_REASONS) | {"engine_error"}
 
 
 def test_reason_codes_are_unique_constants():
@@ -371,6 +373,12 @@ def test_dead_letter_twice_keeps_only_latest_reason():
     assert names.count("x-sinkstream-dlq-reason") == 1
     info = read_dead_letter(second.headers)
     assert (info.reason, info.topic, info.offset) == ("invalid_json", "replay", 7)
+
+
+def test_dead_letter_engine_error_accepted():
+    error = InvalidEventError("engine_error", "the tokenizer failed")
+    message = build_dead_letter(b"k", b"v", None, "events", 0, 1, error)
+    assert read_dead_letter(message.headers).reason == "engine_error"
 
 
 def test_dead_letter_unknown_reason_rejected():
