@@ -56,7 +56,7 @@ class HealthSnapshot:
 
     model_loaded: bool
     kafka_connected: bool
-    redis_connected: bool
+    redis_connected: bool | None  # None: never reported, e.g. no Redis store configured
     partitions: dict[TopicPartition, PartitionProgress]
     stuck_partitions: tuple[TopicPartition, ...]
     ready: bool
@@ -91,7 +91,7 @@ class HealthState:
         self._lock = threading.Lock()
         self._model_loaded = False
         self._kafka_connected = False
-        self._redis_connected = False
+        self._redis_connected: bool | None = None
         self._partitions: dict[TopicPartition, PartitionProgress] = {}
         # Time of the oldest processed event not yet covered by a checkpoint, or None.
         self._unsafe_since_s: float | None = None

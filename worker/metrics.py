@@ -329,7 +329,9 @@ class WorkerMetrics:
         """Copy a health snapshot into the health gauges; the metrics server calls this per scrape."""
         self.model_loaded.set(int(snap.model_loaded))
         self.kafka_connected.set(int(snap.kafka_connected))
-        self.redis_connected.set(int(snap.redis_connected))
+        if snap.redis_connected is not None:
+            # Left alone otherwise, so code that sets the gauge directly is not overwritten.
+            self.redis_connected.set(int(snap.redis_connected))
         self.consumer_stuck.set(int(bool(snap.stuck_partitions)))
         self.ready.set(int(snap.ready))
         self.consumer_assigned_partitions.set(len(snap.partitions))

@@ -182,3 +182,13 @@ def test_startupz_follows_model_loading(served):
     assert get(server.url + "/startupz")[0] == 503
     health.set_model_loaded()
     assert get(server.url + "/startupz")[0] == 200
+
+
+def test_unreported_redis_state_keeps_gauge(served):
+    metrics, health, server = served
+    metrics.redis_connected.set(1)  # set directly, as the snapshot store does
+    _, text = get(server.url + "/metrics")
+    assert sample_value(text, "sinkstream_redis_connected") == 1
+    health.set_redis_connected(False)
+    _, text = get(server.url + "/metrics")
+    assert sample_value(text, "sinkstream_redis_connected") == 0
