@@ -22,9 +22,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from topology.schemas import DEAD_LETTER_REASONS
 from worker.health import HealthSnapshot, HealthState, MetricsServer, start_metrics_server
 
 __all__ = [
+    "DEAD_LETTER_REASONS",
     "EVENT_FAILURE_REASONS",
     "METRIC_NAMES",
     "RESTORE_SOURCES",
@@ -36,18 +38,16 @@ __all__ = [
     "start_metrics_server",
 ]
 
-# Why an event did not produce its normal output. The same codes label dead letters.
+# Why an event did not produce its normal output: the dead-letter reason codes of
+# topology.schemas (invalid input, engine_error), plus failures that send nothing to the
+# dead-letter topic. Dead letters are labelled with DEAD_LETTER_REASONS + ("other",).
 EVENT_FAILURE_REASONS = (
-    "invalid_json",  # the record value is not valid UTF-8 JSON
-    "invalid_schema",  # JSON that does not match the event schema
-    "too_large",  # the record is over stage.max_event_bytes
-    "invalid_params",  # generation parameters out of bounds
-    "raw_rejected",  # a non-JSON record, rejected by stage.raw_action
-    "engine_error",  # the engine raised while processing the event
+    *DEAD_LETTER_REASONS,
     "publish_error",  # the output could not be produced to Kafka
     "restore_error",  # the stream's cache could not be restored or replayed
     "other",
 )
+_DEAD_LETTER_LABELS = (*DEAD_LETTER_REASONS, "other")
 
 # Where a stream's cache came from when the worker needed it and it was not resident.
 RESTORE_SOURCES = (
@@ -87,8 +87,8 @@ class WorkerMetrics:
       ``tokens_prefilled`` / ``tokens_generated``: tokens run through prefill / sampled.
       ``tokens_evicted``: tokens dropped from stream windows by the sink + window rule.
       ``rebalances``: consumer group rebalances that changed this worker's assignment.
-      ``dead_letters{reason}``: records produced to the dead-letter topic. Use
-        :meth:`dead_lettered`.
+      ``dead_letters{reason}``: records produced to the dead-letter topic, by
+        ``topology.schemas.DEAD_LETTER_REASONS``. Use :meth:`dead_lettered`.
       ``snapshot_bytes{direction}``: snapshot bytes written to / read from Redis.
       ``snapshot_failures``: snapshots that could not be written.
       ``restores{source}``: stream caches brought back, by :data:`RESTORE_SOURCES`.
@@ -180,6 +180,7 @@ class WorkerMetrics:
         # before the first failure.
         for reason in EVENT_FAILURE_REASONS:
             self.events_failed.labels(reason=reason)
+        for reason in _DEAD_LETTER_LABELS:
             self.dead_letters.labels(reason=reason)
         for direction in SNAPSHOT_DIRECTIONS:
             self.snapshot_bytes.labels(direction=direction)
@@ -269,7 +270,7 @@ class WorkerMetrics:
         self.events_failed.labels(reason=_known(reason, EVENT_FAILURE_REASONS)).inc()
 
     def dead_lettered(self, reason: str) -> None:
-        self.dead_letters.labels(reason=_known(reason, EVENT_FAILURE_REASONS)).inc()
+        self.dead_letters.labels(reason=_known(reason, _DEAD_LETTER_LABELS)).inc()
 
     def restored(self, source: str, duration_s: float, num_bytes: int = 0) -> None:
         """Count one restore from ``source`` (``RESTORE_SOURCES``) and its duration and bytes."""

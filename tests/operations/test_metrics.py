@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.metrics import (
+    DEAD_LETTER_REASONS,
     EVENT_FAILURE_REASONS,
     METRIC_NAMES,
     HealthState,
@@ -86,12 +87,16 @@ def test_labels_are_bounded():
 def test_failure_reason_unknown_counts_as_other():
     metrics = WorkerMetrics(CollectorRegistry())
     metrics.event_failed("stream-1234 exploded")
-    metrics.dead_lettered("too_large")
+    metrics.dead_lettered("invalid_json")
+    metrics.dead_lettered("publish_error")  # not a dead-letter reason
     registry = metrics.registry
     assert registry.get_sample_value("sinkstream_events_failed_total", {"reason": "other"}) == 1
-    assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "too_large"}) == 1
+    assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "invalid_json"}) == 1
+    assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "other"}) == 1
+    for reason in DEAD_LETTER_REASONS:
+        assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": reason}) == (reason == "invalid_json")
     for reason in EVENT_FAILURE_REASONS:
-        assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": reason}) is not None
+        assert registry.get_sample_value("sinkstream_events_failed_total", {"reason": reason}) is not None
 
 
 def test_observe_step_updates_counters_and_histograms():

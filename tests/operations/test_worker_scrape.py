@@ -121,6 +121,13 @@ class WorkerRun:
     exit_code: int
     log: str
 
+    def labelled(self, name: str, labels: dict[str, str]) -> float:
+        for family in text_string_to_metric_families(self.scrape):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        raise AssertionError(f"{name}{labels} not served")
+
 
 @pytest.fixture(scope="module")
 def worker_run(worker_env, tmp_path_factory) -> WorkerRun:
@@ -185,6 +192,9 @@ def test_worker_counts_events_and_steps(worker_run):
     assert values["sinkstream_events_consumed_total"] == len(EVENTS)
     assert values["sinkstream_events_processed_total"] == 2
     assert values["sinkstream_dead_letters_total"] == 1
+    wrong_type = {"reason": "wrong_type"}
+    assert worker_run.labelled("sinkstream_dead_letters_total", wrong_type) == 1
+    assert worker_run.labelled("sinkstream_events_failed_total", wrong_type) == 1
     assert values["sinkstream_tokens_prefilled_total"] >= 1
     assert values["sinkstream_tokens_generated_total"] >= 1
     assert values["sinkstream_event_latency_seconds_count"] >= 1
