@@ -103,6 +103,20 @@ def test_produce_raw_texts_keyed_by_stream(broker, new_topics, capsys):
     assert out.split() == [f"{topic}[{expected_partition}]@0", f"{topic}[{expected_partition}]@1"]
     assert [(record.key, record.value) for record in records] == [(b"stream-7", b"first"), (b"stream-7", b"second")]
     assert records[0].partition == expected_partition
+    assert dict(records[0].headers)["content-type"] == b"text/plain; charset=utf-8"
+
+
+def test_produce_json_looking_text_stays_raw(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=1)
+    text = '{"text": "not an event", "action": "end"}'
+
+    run_tool(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic, "--stream", "s",
+             text)
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+    event = parse_event(record.key, record.value, record.headers, topic, 0, record.offset, EventLimits())
+
+    assert event.format == "raw"
+    assert event.text == text
 
 
 def test_produce_json_generate_parses(broker, new_topics, capsys):

@@ -178,7 +178,8 @@ def _produce_record(
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     key = None if args.via_router else args.stream.encode("utf-8")
     if not as_json:
-        return key, text.encode("utf-8"), []
+        # The header keeps text that happens to look like a JSON event from being read as one.
+        return key, text.encode("utf-8"), [("content-type", b"text/plain; charset=utf-8")]
     event: dict[str, Any] = {"schema": 1, "stream_id": args.stream, "action": action or "append"}
     if text is not None:
         event["text"] = text
