@@ -5,7 +5,7 @@ updates them; core code (engine, planner) never imports prometheus-client and re
 stats objects instead, which :meth:`WorkerMetrics.observe_step` turns into metrics.
 
 Conventions: the prefix is ``sinkstream_``, values are in base units (seconds, bytes,
-ratios from 0 to 1), counters end in ``_total``, and labels only take values from a fixed
+ratios from 0 to 1), and counters end in ``_total``. Labels only take values from a fixed
 set (a failure reason, a restore source) or from the partition count. Stream ids, event
 ids and model output never become labels. Reasons outside the fixed sets are counted as
 ``other``.
@@ -49,7 +49,7 @@ EVENT_FAILURE_REASONS = (
 )
 _DEAD_LETTER_LABELS = (*DEAD_LETTER_REASONS, "other")
 
-# Where a stream's cache came from when the worker needed it and it was not resident.
+# Sources of a restored stream cache, for a stream that was not resident when needed.
 RESTORE_SOURCES = (
     "host",  # offloaded to host memory by this worker
     "redis",  # a snapshot in Redis
@@ -143,6 +143,7 @@ class WorkerMetrics:
         self.events_failed = Counter(
             "sinkstream_events_failed", "Events that failed, by reason.", ["reason"], registry=r
         )
+
         self.tokens_prefilled = Counter(
             "sinkstream_tokens_prefilled", "Tokens run through prefill.", registry=r
         )
@@ -152,6 +153,7 @@ class WorkerMetrics:
         self.tokens_evicted = Counter(
             "sinkstream_tokens_evicted", "Tokens evicted from stream windows.", registry=r
         )
+
         self.rebalances = Counter(
             "sinkstream_consumer_rebalances", "Consumer group rebalances seen by this worker.", registry=r
         )
@@ -159,6 +161,7 @@ class WorkerMetrics:
             "sinkstream_dead_letters", "Records produced to the dead-letter topic, by reason.", ["reason"],
             registry=r,
         )
+
         self.snapshot_bytes = Counter(
             "sinkstream_snapshot_bytes", "Snapshot bytes written to or read from Redis.", ["direction"],
             registry=r,
@@ -176,6 +179,7 @@ class WorkerMetrics:
             "sinkstream_checkpoints", "Checkpoints completed (snapshots flushed, offsets committed).",
             registry=r,
         )
+
         # Create every labelled series at zero, so rate() and the dashboards see them
         # before the first failure.
         for reason in EVENT_FAILURE_REASONS:
@@ -235,12 +239,14 @@ class WorkerMetrics:
         self.streams_known = Gauge(
             "sinkstream_streams_known", "Streams this worker has state for.", registry=r
         )
+
         self.slot_utilization = Gauge(
             "sinkstream_slot_utilization_ratio", "Resident streams over slot pool size.", registry=r
         )
         self.queue_events = Gauge(
             "sinkstream_queue_events", "Events waiting for the engine.", registry=r
         )
+
         self.consumer_lag = Gauge(
             "sinkstream_consumer_lag_records", "End offset minus position, per partition.",
             ["topic", "partition"], registry=r,
@@ -255,6 +261,7 @@ class WorkerMetrics:
         self.consumer_stuck = Gauge(
             "sinkstream_consumer_stuck", "1 while a partition has lag and no progress.", registry=r
         )
+
         self.kafka_connected = Gauge(
             "sinkstream_kafka_connected", "1 while the Kafka connection works.", registry=r
         )
@@ -301,8 +308,8 @@ class WorkerMetrics:
 
         Reads ``batch_size`` (streams in the step), ``num_streams`` (streams resident
         after the step), ``tokens_prefilled``, ``tokens_generated``, ``tokens_evicted``
-        and ``duration_s``; with a ``num_slots`` attribute it also sets the slot utilization.
-        A step with no streams is not observed.
+        and ``duration_s``. With a ``num_slots`` attribute it also sets the slot
+        utilization. A step with no streams is not observed.
         """
         if stats.batch_size <= 0:
             return
