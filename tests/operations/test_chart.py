@@ -229,6 +229,30 @@ def test_topics_job_is_pre_install_hook(helm):
     assert not any(n.startswith("SINKSTREAM_ENGINE__") for n in env)
 
 
+def test_topics_job_command_parses(helm, monkeypatch):
+    from topology.config import TopologySettings
+    from worker.cli import build_parser
+
+    container = by_kind(render(helm, ALL_ON))["Job"]["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert args.func.__name__ == "run_topics_create"
+    assert args.partitions == ALL_ON["topics"]["partitions"]
+    for item in container["env"]:
+        monkeypatch.setenv(item["name"], item.get("value", "from-secret"))
+    settings = TopologySettings()
+    assert settings.kafka.events_topic == ALL_ON["config"]["kafka"]["events_topic"]
+    assert settings.topics.events.replication_factor == ALL_ON["topics"]["replicationFactor"]
+    assert settings.topics.dlq.replication_factor == ALL_ON["topics"]["replicationFactor"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_worker_args_parse(helm, example):
+    from worker.cli import build_parser
+
+    args = build_parser().parse_args(worker_container(render(helm, EXAMPLES[example]))["args"])
+    assert args.func.__name__ == "run_worker_command"
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_schema_accepts_examples(helm, example):
     helm.Chart.load(CHART).validate_schema(EXAMPLES[example])

@@ -166,6 +166,14 @@ def test_compose_worker_env_are_settings():
     assert not unknown, sorted(unknown)
 
 
+@pytest.mark.parametrize("service", ["topics", "worker"])
+def test_compose_commands_parse(service):
+    from worker.cli import build_parser
+
+    args = build_parser().parse_args(compose()["services"][service]["command"])
+    assert callable(args.func)
+
+
 def test_compose_prometheus_config_valid(promtool, tmp_path):
     prometheus = compose()["services"]["prometheus"]
     host_path = {target: source for source, target in bind_mounts(prometheus)}
