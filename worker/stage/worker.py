@@ -232,6 +232,8 @@ class StageWorker:
     def _handle_record(self, state: PartitionState, record: ConsumerRecord) -> None:
         state.tracker.add(record.offset)
         self.stats.consumed += 1
+        if self.stats.first_fetch_at is None:
+            self.stats.first_fetch_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.events_consumed.inc()
         try:
@@ -332,6 +334,7 @@ class StageWorker:
 
     def _output_done(self, pending: PendingEvent, result: Any) -> None:
         self.stats.outputs += 1
+        self.stats.last_output_at = time.monotonic()
         self.stats.latencies_s.append(time.monotonic() - pending.fetched_at)
         if self.metrics is not None:
             self.metrics.events_processed.inc()
@@ -572,6 +575,8 @@ class WorkerStats:
     outputs: int = 0
     dead_letters: int = 0
     pauses: int = 0
+    first_fetch_at: float | None = None  # time.monotonic() of the first record fetched
+    last_output_at: float | None = None  # time.monotonic() of the last output acknowledged
     prompt_tokens: int = 0
     generated_tokens: int = 0
     max_evicted_tokens: dict[str, int] = field(default_factory=dict)
