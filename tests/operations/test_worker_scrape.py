@@ -222,13 +222,21 @@ def test_worker_exits_cleanly_on_sigterm(worker_run):
     assert worker_run.exit_code == 0, worker_run.log[-3000:]
 
 
-# NOTE: the stage does not observe these yet; each line names the metric that stays at 0
-# in a run with a generated reply and a Redis snapshot store.
+def test_worker_snapshots_to_redis(worker_run):
+    values = worker_run.values
+    assert values["sinkstream_redis_connected"] == 1
+    assert values["sinkstream_checkpoints_total"] >= 1
+    assert values["sinkstream_snapshot_bytes_total"] > 0
+    assert values["sinkstream_snapshot_duration_seconds_count"] >= 1
+
+
+# NOTE: the stage does not set these yet: each stays at 0 in a run with a generated reply
+# and a resident stream.
 @pytest.mark.xfail(reason="the stage does not yet observe time to first token, inter-token latency, "
-                          "slot utilization or the Redis connection state", strict=False)
+                          "slot utilization or known streams", strict=False)
 def test_worker_observes_generation_and_cache_metrics(worker_run):
     values = worker_run.values
     assert values["sinkstream_time_to_first_token_seconds_count"] >= 1
     assert values["sinkstream_inter_token_latency_seconds_count"] >= 1
     assert values["sinkstream_slot_utilization_ratio"] > 0
-    assert values["sinkstream_redis_connected"] == 1
+    assert values["sinkstream_streams_known"] >= 1
