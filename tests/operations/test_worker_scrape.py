@@ -153,10 +153,13 @@ def worker_run(worker_env, tmp_path_factory) -> WorkerRun:
                 "sinkstream_events_failed_total", 0)
             return text if done >= len(EVENTS) else None
 
-        scrape = wait_until(all_events_done, 120, "three events processed", process)
-        # A caught-up worker with nothing to do must stay ready past the stuck timeout.
+        wait_until(all_events_done, 120, "three events processed", process)
+        # A caught-up worker with nothing to do must stay ready past the stuck timeout. The
+        # wait also spans several checkpoint intervals, so the scrape below includes snapshots.
         time.sleep(STUCK_AFTER_S + 2)
         idle_readyz = get(url + "/readyz")
+        status, scrape = get(url + "/metrics")
+        assert status == 200, scrape
         process.send_signal(signal.SIGTERM)
         exit_code = process.wait(timeout=30)
     except AssertionError as exc:
