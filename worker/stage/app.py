@@ -84,7 +84,12 @@ async def run_worker(
                 loop.add_signal_handler(signum, _on_signal, worker, signum)
         if created is not None:
             created.set_result(worker)
-        await worker.run()
+        try:
+            await worker.run()
+        finally:
+            close = getattr(hooks, "close", None)
+            if close is not None:
+                await close()
         return worker
     finally:
         if server is not None:

@@ -55,7 +55,6 @@ class PendingEvent:
     fetched_at: float
     stream_id: str = ""
     submitted_at: float = 0.0
-    skip: bool = False  # already inside a restored snapshot: done without engine work or output
 
     def __post_init__(self) -> None:
         self.stream_id = self.event.stream_id
@@ -523,15 +522,25 @@ class StageWorker:
     # -- helpers ------------------------------------------------------------------------
 
     def _update_pauses(self) -> None:
-        """Pause partitions while the queue is full; resume them below three quarters."""
+        """Pause partitions while the queue is full; resume them below three quarters.
+
+        A partition also stays paused while the hooks report it unsafe (``should_pause``:
+        no successful checkpoint for ``checkpoint.max_unsafe_s``), so uncommitted work
+        cannot grow without bound while the snapshot store is down.
+        """
         limit = self._stage.queue_max_events
         total = self._num_not_done()
+        should_pause = getattr(self.hooks, "should_pause", None)
         for state in self._partitions.values():
-            if not state.paused and total >= limit:
+            unsafe = should_pause is not None and should_pause(state.tp)
+            if not state.paused and (total >= limit or unsafe):
                 self.consumer.pause(state.tp)
                 state.paused = True
                 self.stats.pauses += 1
-            elif state.paused and total < limit * 3 // 4:
+                if unsafe:
+                    logger.warning("pausing %s: no successful checkpoint for %.0f s",
+                                   _tp_name(state.tp), self.settings.checkpoint.max_unsafe_s)
+            elif state.paused and total < limit * 3 // 4 and not unsafe:
                 self.consumer.resume(state.tp)
                 state.paused = False
 
