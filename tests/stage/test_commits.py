@@ -57,3 +57,34 @@ async def test_commit_slow_head_kill9_reprocessed(broker, stage_topics, make_set
     assert sorted(body["source"]["offset"] for body in second) == list(range(11))
     committed = await committed_offsets(broker.bootstrap_servers, settings.kafka.group_id, stage_topics.events, 4)
     assert committed[0] == 11
+
+
+async def test_worker_sigterm_commits_and_exits_zero(broker, stage_topics, make_settings, tiny_model_dir, tmp_path):
+    settings = make_settings(engine={"model_path": str(tiny_model_dir)}, checkpoint={"interval_s": 60})
+    records = [(f"s{i % 3}".encode(), f"event {i}".encode(), None) for i in range(12)]
+    await produce(broker.bootstrap_servers, stage_topics.events, records, partition_of=lambda key: 0)
+    process = start_worker_process(settings, tmp_path / "worker.log")
+    try:
+        await consume(broker.bootstrap_servers, stage_topics.outputs, len(records), timeout_s=120)
+        process.send_signal(signal.SIGTERM)
+        return_code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = (tmp_path / "worker.log").read_text()
+    assert return_code == 0, log[-3000:]
+    assert "stopped" in log
+    # The commit interval is 60 s, so only the shutdown commit can have stored this offset.
+    committed = await committed_offsets(broker.bootstrap_servers, settings.kafka.group_id, stage_topics.events, 4)
+    assert committed[0] == len(records)
+
+
+async def test_worker_full_queue_pauses_and_finishes(broker, stage_topics, make_settings, make_engine):
+    settings = make_settings(stage={"queue_max_events": 4})
+    records = [(f"s{i % 5}".encode(), f"event {i}".encode(), None) for i in range(60)]
+    await produce(broker.bootstrap_servers, stage_topics.events, records)
+    async with running_worker(settings, make_engine()) as worker:
+        outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(records), timeout_s=120)
+    assert len(outputs) == len(records)
+    assert worker.stats.max_not_done <= 4
+    assert worker.stats.pauses > 0

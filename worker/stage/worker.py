@@ -222,6 +222,7 @@ class StageWorker:
                     continue  # fetched just before a revoke; the next owner consumes it
                 for record in records:
                     self._handle_record(state, record)
+            self.stats.max_not_done = max(self.stats.max_not_done, self._num_not_done())
             self._dispatch()
             await self._maybe_commit()
             self._update_health()
@@ -584,6 +585,7 @@ class WorkerStats:
     outputs: int = 0
     dead_letters: int = 0
     pauses: int = 0
+    max_not_done: int = 0  # most events fetched and not yet done at one time
     first_fetch_at: float | None = None  # time.monotonic() of the first record fetched
     last_output_at: float | None = None  # time.monotonic() of the last output acknowledged
     prompt_tokens: int = 0
