@@ -11,7 +11,7 @@ MODES = ("dense", "window", "recompute", "streaming")
 
 @dataclass(frozen=True)
 class PplConfig:
-    """How a perplexity run scores its documents.
+    """Settings of one perplexity run over a set of documents.
 
     Every mode scores the same tokens. Position ``t`` of a document is the prediction of
     token ``t`` from the tokens before it, so position 0 is never scored.

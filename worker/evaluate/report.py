@@ -54,6 +54,7 @@ def build_summary(run: RunResult, skipped: list[SkippedDocument] = ()) -> dict[s
             }
             for name, result in run.modes.items()
         },
+        "overall": {name: _pooled_summary(result, run) for name, result in run.modes.items()},
         "documents": documents,
         "skipped": [{"name": item.name, "reason": item.reason} for item in skipped],
     }
@@ -78,6 +79,30 @@ def _mode_summary(result: ModeResult, nll: np.ndarray, sample: np.ndarray, run: 
     if config.compare_tokens is not None:
         summary["head_tail"] = _head_tail(nll, config.warmup_tokens, config.compare_tokens)
     return summary
+
+
+def _pooled_summary(result: ModeResult, run: RunResult) -> dict[str, Any]:
+    """Pool all documents' positions: every scored one, the sample, and both once the cache is full.
+
+    From position ``cache_tokens`` on, window and streaming have evicted tokens, so only
+    there do the modes differ.
+    """
+    config = run.config
+    pools: dict[str, list[np.ndarray]] = {"all": [], "sampled": [], "slid": [], "slid_sampled": []}
+    for doc_index, document in enumerate(run.documents):
+        nll = result.nll[doc_index]
+        sample = sampled_positions(len(document.token_ids), config.sample_stride)
+        pools["all"].append(nll)
+        pools["sampled"].append(nll[sample])
+        pools["slid"].append(nll[config.cache_tokens :])
+        pools["slid_sampled"].append(nll[sample[sample >= config.cache_tokens]])
+    figures = {}
+    for name, parts in pools.items():
+        values = np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+        nll_mean = mean_nll(values)
+        figures[name] = {"tokens": int(np.isfinite(values).sum()), "mean_nll": _round(nll_mean),
+                         "perplexity": _round(perplexity(nll_mean))}
+    return figures
 
 
 def _segments(nll: np.ndarray, width: int) -> list[dict[str, Any]]:

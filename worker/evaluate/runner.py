@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModeResult:
-    """What one mode measured: per-position NLL for each document, cost and memory."""
+    """Measurements of one mode: per-position NLL for each document, time and memory."""
 
     mode: str
     nll: list[np.ndarray]

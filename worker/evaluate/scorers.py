@@ -1,8 +1,8 @@
 """The four ways of scoring a token stream, each returning per-position NLL.
 
-Every scorer fills an array with one float per token of a document: entry ``t`` is the
-negative log-likelihood (nats) of token ``t`` given what the mode lets the model see of
-the tokens before it, and NaN where the mode did not score ``t`` (always ``t = 0``).
+Every scorer fills an array with one float per token of a document. Entry ``t`` is the
+negative log-likelihood (nats) of token ``t`` given the part of the earlier tokens that
+the mode keeps in context. It is NaN where the mode did not score ``t``, always at ``t = 0``.
 
 - dense: a plain transformers forward with an unbounded KV cache (chunked prefill, which
   yields the same numbers as token-by-token decoding with a full cache).
@@ -26,7 +26,7 @@ from worker.evaluate.documents import Document
 
 Progress = Callable[[int], None]
 
-ENGINE_CALL_TOKENS = 256  # tokens per stream per engine call; bounds the returned logits
+ENGINE_CALL_TOKENS = 256  # tokens per stream per engine call, which sets the progress bar granularity
 
 
 def sampled_positions(num_tokens: int, stride: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def score_recompute(
 ) -> list[np.ndarray]:
     """Score the sampled positions of all documents, each from a freshly encoded window.
 
-    Position ``t`` sees tokens ``[max(0, t - cache_tokens), t)``. Jobs from all documents
+    The prediction of position ``t`` attends to tokens ``[max(0, t - cache_tokens), t)``. Jobs from all documents
     are sorted by context length and batched, left-padded, ``recompute_batch`` at a time.
     """
     device = model.device
@@ -115,7 +115,7 @@ def score_engine(
 ) -> list[np.ndarray]:
     """Score every position of all documents as concurrent streams of the sinkstream engine.
 
-    The cache holds ``sink_tokens`` sinks plus ``cache_tokens - sink_tokens`` recent
+    Each stream's cache keeps ``sink_tokens`` sinks plus ``cache_tokens - sink_tokens`` recent
     tokens. Each call appends up to ``ENGINE_CALL_TOKENS`` tokens per stream, which the
     engine splits into events of ``event_tokens``.
     """
