@@ -67,17 +67,23 @@ def score_recompute(
 ) -> list[np.ndarray]:
     """Score the sampled positions of all documents, each from a freshly encoded window.
 
-    The prediction of position ``t`` attends to tokens ``[max(0, t - cache_tokens), t)``. Jobs from all documents
+    The prediction of position ``t`` attends to tokens ``[max(0, t - cache_tokens), t)``.
+    Up to ``t = cache_tokens`` that is the whole prefix, so those positions come from one
+    dense forward over the first ``cache_tokens`` tokens, which gives the same numbers. Jobs from all documents
     are sorted by context length and batched, left-padded, ``recompute_batch`` at a time.
     """
     device = model.device
-    jobs = [
-        (doc_index, int(position))
-        for doc_index, document in enumerate(documents)
-        for position in sampled_positions(len(document.token_ids), config.sample_stride)
-    ]
-    jobs.sort(key=lambda job: min(job[1], config.cache_tokens))
     nll = [empty_nll(len(document.token_ids)) for document in documents]
+    jobs = []
+    for doc_index, document in enumerate(documents):
+        sample = sampled_positions(len(document.token_ids), config.sample_stride)
+        prefix = sample[sample <= config.cache_tokens]
+        if prefix.size:
+            dense = score_dense(model, document, int(prefix[-1]) + 1, config.dense_chunk_tokens, lambda count: None)
+            nll[doc_index][prefix] = dense[prefix]
+            progress(int(prefix.size))
+        jobs.extend((doc_index, int(position)) for position in sample[sample > config.cache_tokens])
+    jobs.sort(key=lambda job: min(job[1], config.cache_tokens))
     for start in range(0, len(jobs), config.recompute_batch):
         batch = jobs[start : start + config.recompute_batch]
         contexts = [
