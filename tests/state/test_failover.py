@@ -135,7 +135,10 @@ def make_engine(tiny_loaded):
 
 @pytest.fixture
 def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
-    """Return ``run(action, fault=None)``: two workers over fresh topics; ``action`` is kill, sigterm or scale_out."""
+    """Return ``run(action, fault=None)``: two workers over fresh topics; ``action`` is kill, sigterm or scale_out.
+
+    The second half of the events is produced after the group changed.
+    """
     processes: list[WorkerProcess] = []
 
     async def run(action: str, fault: dict[str, str] | None = None, timeout_s: float = 240):
@@ -144,15 +147,21 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
         settings = worker_settings(broker, redis_server.url, topics, group_id, f"failover-{uuid.uuid4().hex[:8]}")
         records = mixed_events(NUM_STREAMS, EVENTS_PER_STREAM)
         expected = engine_alone_outputs(make_engine, load_settings(values=settings), records, topics[0])
-        await produce(broker.bootstrap_servers, topics[0], records,
-                      partition_of=lambda key: partition_for_stream(key.decode(), 4))
+        # The second half of the events is produced only after the group changed, so the
+        # streams of the worker that left can only continue correctly from a snapshot.
+        half = len(records) // 2
+
+        def partition_of(key: bytes) -> int:
+            return partition_for_stream(key.decode(), 4)
+
+        await produce(broker.bootstrap_servers, topics[0], records[:half], partition_of=partition_of)
 
         marker = tmp_path / "fault-reached"
         first_fault = dict(fault or {}, FAULT_MARKER=str(marker))
         first = WorkerProcess(settings, tmp_path / "first.log", first_fault)
         processes.append(first)
         second = None
-        if action != "scale_out":
+        if action == "kill":
             second = WorkerProcess(settings, tmp_path / "second.log")
             processes.append(second)
 
@@ -164,13 +173,17 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
                 await asyncio.sleep(0.05)
             first.kill()
         else:
-            # Let the first worker produce some outputs, then change the group.
+            # The first worker runs alone until it has produced outputs, then a second one
+            # joins and takes partitions over (scale-out); with sigterm the first then leaves.
             await collect_outputs(broker.bootstrap_servers, topics[1], NUM_STREAMS, timeout_s=120, idle_s=0)
+            second = WorkerProcess(settings, tmp_path / "second.log")
+            processes.append(second)
+            while "worker: assigned t-" not in second.log_path.read_text(errors="replace"):
+                assert time.monotonic() < deadline, f"second worker never got partitions:\n{second.log_tail()}"
+                await asyncio.sleep(0.1)
             if action == "sigterm":
                 assert first.terminate() == 0, first.log_tail()
-            elif action == "scale_out":
-                second = WorkerProcess(settings, tmp_path / "second.log")
-                processes.append(second)
+        await produce(broker.bootstrap_servers, topics[0], records[half:], partition_of=partition_of)
 
         bodies = await collect_outputs(broker.bootstrap_servers, topics[1], len(records), timeout_s=timeout_s)
         for process in (first, second):
@@ -186,7 +199,7 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
 
 @pytest.mark.parametrize(
     "point, after",
-    [("forward", "25"), ("checkpoint", "4"), ("snapshot_write", "12")],
+    [("forward", "12"), ("checkpoint", "2"), ("snapshot_write", "6")],
 )
 async def test_failover_kill9_outputs_match_clean_run(failover_run, point, after):
     num_duplicates, first, second = await failover_run(
@@ -199,8 +212,10 @@ async def test_failover_kill9_outputs_match_clean_run(failover_run, point, after
 async def test_failover_sigterm_no_duplicates(failover_run):
     num_duplicates, first, second = await failover_run("sigterm")
     assert num_duplicates == 0
+    assert "restored stream" in second.log_path.read_text(errors="replace")
 
 
 async def test_failover_scale_out_no_duplicates(failover_run):
     num_duplicates, first, second = await failover_run("scale_out")
     assert num_duplicates == 0
+    assert "restored stream" in second.log_path.read_text(errors="replace")
