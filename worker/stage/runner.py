@@ -2,7 +2,7 @@
 
 The asyncio loop must never run a forward pass, because aiokafka's heartbeats, fetches and
 rebalance callbacks run on that loop. A consumer whose loop is blocked past the session
-timeout is removed from the group and may never consume again (aiokafka issue #847). So
+timeout is removed from the group and may never consume again. So
 the engine lives in one dedicated thread: the loop puts commands on a queue, the thread
 runs them between steps, and results come back to the loop with
 ``loop.call_soon_threadsafe``.
