@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -143,10 +144,12 @@ async def run(args: argparse.Namespace) -> dict:
             "read_and_decode_s": round(restore_s, 3),
         }
         no_compression = config.model_copy(update={"compression": "none"})
-        _, raw_save = await StreamSnapshotter(store, no_compression).save(state, None, None, last_offset=0)
+        raw_state = dataclasses.replace(state, stream_id="s-uncompressed")
+        _, raw_save = await StreamSnapshotter(store, no_compression).save(raw_state, None, None, last_offset=0)
         result["base_uncompressed"] = {"stored_bytes": raw_save.stored_bytes, "encode_s": round(raw_save.encode_s, 3),
                                        "write_s": round(raw_save.write_s, 3)}
         await store.delete_stream("s")
+        await store.delete_stream("s-uncompressed")
 
         # Events with a checkpoint after each, against the same events without snapshots.
         await hooks.on_assign([tp])
