@@ -482,7 +482,10 @@ class StageWorker:
         if not states:
             return
         logger.info("revoking %s", ", ".join(_tp_name(state.tp) for state in states))
-        await self._drain(self._stage.shutdown_grace_s, partitions=states)
+        # Partitions already drained by a shutdown are not given a second grace period.
+        to_drain = [state for state in states if not state.revoking]
+        if to_drain:
+            await self._drain(self._stage.shutdown_grace_s, partitions=to_drain)
         stream_ids: set[str] = set()
         for state in states:
             stream_ids |= state.stream_ids
