@@ -96,3 +96,23 @@ async def test_engine_restore_other_window_rejected(tiny_loaded, state_config):
     assert "s" not in other.known_streams()
     await writer.close()
     await reader.close()
+
+
+class RawEngineStage(EngineStage):
+    """A stage handle that passes the engine's KeyError for unknown streams through."""
+
+    async def export_stream(self, stream_id):
+        return self.engine.export_stream(stream_id)
+
+
+async def test_engine_dropped_stream_snapshot_deleted(tiny_loaded, state_config):
+    engine = StreamEngine(tiny_loaded, EngineConfig(**ENGINE_SETTINGS))
+    hooks = build_state_hooks(state_config, engine)
+    hooks.bind(RawEngineStage(engine))
+    feed(engine, "s", token_block(0, 30), "e0")
+    assert await hooks.checkpoint(TP, {"s": 0}, 1)
+
+    engine.drop_stream("s")
+    assert await hooks.checkpoint(TP, {"s": 1}, 2)
+    assert (await hooks.store.read_head("s")).latest is None
+    await hooks.close()

@@ -212,7 +212,12 @@ class RedisStateHooks:
     # -- internals ------------------------------------------------------------------------
 
     async def _snapshot_stream(self, stream_id: str, tp: TopicPartition, last_offset: int) -> bool:
-        exported = await self._stage.export_stream(stream_id)
+        try:
+            exported = await self._stage.export_stream(stream_id)
+        except KeyError:
+            # StreamEngine.export_stream raises KeyError for a stream it does not know,
+            # where the stage handle's contract returns None.
+            exported = None
         if exported is None:
             # The engine no longer contains the stream (a drop event). Its snapshot is
             # deleted too, so a later restore does not bring back the dropped cache.
