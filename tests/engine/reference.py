@@ -53,8 +53,8 @@ class NaiveSinkCache:
         return q, k, v
 
     @torch.no_grad()
-    def feed(self, token_ids: list[int]) -> torch.Tensor:
-        """Append one chunk and return float32 logits for each of its tokens."""
+    def feed(self, token_ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Append one chunk and return float32 logits for each of its tokens (or the last one)."""
         num_new = len(token_ids)
         retained = self._retained(num_new)
         num_old = len(retained)
@@ -86,4 +86,6 @@ class NaiveSinkCache:
             out = (weights @ values).transpose(1, 2).reshape(num_new, self.num_heads * self.head_dim)
             hidden = hidden + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if last_only:
+            hidden = hidden[-1:]
         return self.model.lm_head(self.model.model.norm(hidden)).float()

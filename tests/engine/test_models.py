@@ -1,0 +1,71 @@
+"""Architecture checks at load time and model fingerprints."""
+
+import pytest
+
+from tests.models import tiny_config, tiny_model
+from worker.engine import EngineConfig, StreamEngine, load_from_model, load_model
+from worker.engine.models import check_architecture
+from worker.exceptions import CapacityError, ModelNotFoundError, UnsupportedModelError
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "fragment"),
+    [
+        ("bloom", {}, "ALiBi"),
+        ("mpt", {}, "ALiBi"),
+        ("deepseek_v2", {}, "multi-head latent attention"),
+        ("qwen2_vl", {}, "M-RoPE"),
+        ("mamba", {}, "recurrent"),
+        ("gemma2", {}, "sliding-window and global"),
+        ("gpt2", {}, "absolute position embeddings"),
+    ],
+)
+def test_models_unsupported_architecture_rejected(model_type, overrides, fragment):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, **overrides)
+    with pytest.raises(UnsupportedModelError, match=fragment) as error:
+        check_architecture(config)
+    assert repr(model_type) in str(error.value)
+
+
+def test_models_dynamic_ntk_rejected():
+    config = tiny_config("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(UnsupportedModelError, match="'dynamic'"):
+        check_architecture(config)
+
+
+def test_models_hybrid_layer_types_rejected():
+    config = tiny_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        check_architecture(config, capacity=64)
+
+
+def test_models_mistral_window_smaller_than_cache_rejected():
+    config = tiny_config("mistral", sliding_window=32)
+    check_architecture(config, capacity=32)
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention of 32 tokens"):
+        check_architecture(config, capacity=64)
+
+
+def test_models_fingerprint_tracks_weights_and_dtype(tokenizer):
+    first = load_from_model(tiny_model("llama", seed=1), tokenizer)
+    same = load_from_model(tiny_model("llama", seed=1), tokenizer)
+    other = load_from_model(tiny_model("llama", seed=2), tokenizer)
+    assert first.fingerprint == same.fingerprint
+    assert first.fingerprint != other.fingerprint
+    import torch
+
+    half = load_from_model(tiny_model("llama", seed=1, dtype=torch.bfloat16), tokenizer)
+    assert half.fingerprint != first.fingerprint
+
+
+def test_models_missing_path_names_fetch(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="sinkstream models fetch"):
+        load_model(tmp_path / "nothing-here")
+
+
+def test_engine_pool_too_large_rejected(tiny_loaded):
+    config = EngineConfig(sink_tokens=4, window_tokens=1000, max_resident_streams=10**7, prefill_chunk_tokens=64)
+    with pytest.raises(CapacityError, match="lower max_resident_streams"):
+        StreamEngine(tiny_loaded, config)
