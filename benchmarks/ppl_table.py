@@ -17,9 +17,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from worker.data import dataset_path, fetch_datasets
 from worker.engine.models import load_model
-from worker.evaluate import Document, PplConfig, build_summary, plot_log_perplexity, run_modes, write_nll, write_summary
+from worker.evaluate import Document, ModeResult, PplConfig, RunResult, build_summary, plot_log_perplexity, run_modes, write_nll, write_summary
 from worker.evaluate.documents import read_text, tokenize_documents
 from worker.paths import default_model_dir
 
@@ -88,6 +90,8 @@ def main() -> int:
     parser.add_argument("--split-streams", type=int, default=1,
                         help="cut the first --max-tokens tokens into this many equal documents, run as concurrent streams")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw <out>/table<N>.png from the rows already in <out>/table<N>/")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -99,12 +103,15 @@ def main() -> int:
         compare_tokens=args.compare_tokens if args.table == 4 else None,
         warmup_tokens=args.warmup_tokens if args.table == 4 else 0,
     )
+    table_dir = args.out / f"table{args.table}"
+    if args.plot_only:
+        plot_rows(table_dir, args.out / f"table{args.table}.png")
+        return 0
     loaded = load_model(args.model or default_model_dir(), device=args.device)
     name, text = load_text(args.table, args.out)
     documents, _ = tokenize_documents([(name, text)], loaded.tokenizer, args.max_tokens)
     documents = split_document(documents[0], args.split_streams)
     wanted = set(args.rows.split(",")) if args.rows else None
-    table_dir = args.out / f"table{args.table}"
     lines = []
     for row, config in table_rows(args.table, base):
         if wanted and row not in wanted:
@@ -122,8 +129,35 @@ def main() -> int:
         logger.info("row %s done in %.0f s", row, summary["wall_s"])
         table = "\n".join([TABLE_HEADER, "|" + "---|" * 13, *lines])
         (args.out / f"table{args.table}.md").write_text(table + "\n")
+    plot_rows(table_dir, args.out / f"table{args.table}.png")
     print(table)
     return 0
+
+
+def plot_rows(table_dir: Path, path: Path) -> None:
+    """Draw every row's modes of one table in a single plot, one line per row and mode.
+
+    The rows must share their documents (same text, token budget and stream split).
+    """
+    modes, documents, config, trained_positions = {}, None, None, None
+    for row_dir in sorted(p for p in table_dir.iterdir() if (p / "nll.npz").exists()):
+        summary = json.loads((row_dir / "summary.json").read_text())
+        arrays = np.load(row_dir / "nll.npz")
+        names = [document["name"] for document in summary["documents"]]
+        settings = summary["config"]
+        settings["modes"] = tuple(settings["modes"])
+        config = config or PplConfig(**settings)
+        trained_positions = summary["trained_positions"]
+        documents = documents or [Document(name, [0] * document["tokens"])
+                                  for name, document in zip(names, summary["documents"])]
+        for mode in settings["modes"]:
+            label = mode if row_dir.name == mode else f"{row_dir.name} {mode}"
+            nll = [arrays[f"{name}/{mode}"] for name in names]
+            modes[label] = ModeResult(label, nll, 0.0, 0, 0, "")
+    if not modes:
+        raise SystemExit(f"no finished rows under {table_dir}")
+    plot_log_perplexity(RunResult(config, documents, modes, "", trained_positions), path, pooled=True)
+    logger.info("plot written to %s", path)
 
 
 def markdown_rows(row: str, summary: dict) -> list[str]:

@@ -148,34 +148,47 @@ def write_nll(run: RunResult, path: Path) -> None:
         np.savez_compressed(handle, **arrays)
 
 
-def plot_log_perplexity(run: RunResult, path: Path) -> None:
-    """Plot log-perplexity (mean NLL per segment) against tokens processed, one panel per document."""
+def plot_log_perplexity(run: RunResult, path: Path, pooled: bool = False) -> None:
+    """Plot log-perplexity (mean NLL per segment) against tokens processed.
+
+    One panel per document, or with ``pooled`` a single panel whose segments pool the
+    same positions of every document.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     width = run.config.segment_tokens
-    num_docs = len(run.documents)
-    figure, axes = plt.subplots(num_docs, 1, figsize=(8, 3.2 * num_docs), squeeze=False)
-    for doc_index, document in enumerate(run.documents):
-        axis = axes[doc_index][0]
+    panels = _plot_panels(run, pooled)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    for axis, (title, doc_indices, num_tokens) in zip((row[0] for row in axes), panels):
         for mode, result in run.modes.items():
             centers, values = [], []
-            nll = result.nll[doc_index]
-            for start in range(0, len(nll), width):
-                value = mean_nll(nll[start : start + width])
+            for start in range(0, num_tokens, width):
+                parts = [result.nll[index][start : start + width] for index in doc_indices]
+                value = mean_nll(np.concatenate(parts))
                 if math.isfinite(value):
                     centers.append(start + width / 2)
                     values.append(value)
-            style = "o--" if mode == "recompute" and run.config.sample_stride > 1 else "-"
+            style = "o--" if mode.endswith("recompute") and run.config.sample_stride > 1 else "-"
             axis.plot(centers, values, style, label=mode, markersize=3)
-        if run.trained_positions and run.trained_positions < len(document.token_ids):
-            axis.axvline(run.trained_positions, color="grey", linestyle=":", label="trained positions")
-        axis.set_title(f"{document.name} (cache {run.config.cache_tokens}, {run.config.sink_tokens} sinks)")
+        if run.config.cache_tokens < num_tokens:
+            axis.axvline(run.config.cache_tokens, color="black", linestyle=":", label="cache full")
+        if run.trained_positions and run.trained_positions < num_tokens:
+            axis.axvline(run.trained_positions, color="grey", linestyle="--", label="trained positions")
+        axis.set_title(f"{title} (cache {run.config.cache_tokens}, {run.config.sink_tokens} sinks)")
         axis.set_xlabel("tokens processed")
         axis.set_ylabel(f"log perplexity (per {width} tokens)")
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _plot_panels(run: RunResult, pooled: bool) -> list[tuple[str, list[int], int]]:
+    """Return (title, document indices, tokens) for each panel of the plot."""
+    lengths = [len(document.token_ids) for document in run.documents]
+    if pooled and len(run.documents) > 1:
+        return [(f"{len(run.documents)} streams pooled", list(range(len(lengths))), max(lengths))]
+    return [(document.name, [index], lengths[index]) for index, document in enumerate(run.documents)]
