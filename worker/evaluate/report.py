@@ -84,8 +84,8 @@ def _mode_summary(result: ModeResult, nll: np.ndarray, sample: np.ndarray, run: 
 def _pooled_summary(result: ModeResult, run: RunResult) -> dict[str, Any]:
     """Pool all documents' positions: every scored one, the sample, and both once the cache is full.
 
-    From position ``cache_tokens`` on, window and streaming have evicted tokens, so only
-    there do the modes differ.
+    From about position ``cache_tokens`` on, window and streaming evict tokens and recompute
+    truncates its context. Before that every mode sees the whole prefix, as dense does.
     """
     config = run.config
     pools: dict[str, list[np.ndarray]] = {"all": [], "sampled": [], "slid": [], "slid_sampled": []}
