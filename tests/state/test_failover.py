@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_STREAMS = 20
 EVENTS_PER_STREAM = 6
 # Fields of an output that do not depend on which worker produced it or when.
-VOLATILE_FIELDS = ("timings", "worker_id")
+VOLATILE_FIELDS = ("timings", "worker_id", "record_timestamp_ms")
 
 
 def worker_settings(broker, redis_url: str, topics: list[str], group_id: str, prefix: str) -> dict:
@@ -89,14 +90,31 @@ async def collect_outputs(bootstrap: str, topic: str, num_keys: int, timeout_s: 
         deadline = time.monotonic() + timeout_s
         while len({body["idempotency_key"] for body in bodies}) < num_keys and time.monotonic() < deadline:
             for batch in (await consumer.getmany(timeout_ms=300)).values():
-                bodies.extend(json.loads(record.value) for record in batch)
+                bodies.extend(output_body(record) for record in batch)
         idle_deadline = time.monotonic() + idle_s
         while time.monotonic() < idle_deadline:
             for batch in (await consumer.getmany(timeout_ms=300)).values():
-                bodies.extend(json.loads(record.value) for record in batch)
+                bodies.extend(output_body(record) for record in batch)
     finally:
         await consumer.stop()
     return bodies
+
+
+def output_body(record) -> dict:
+    return dict(json.loads(record.value), record_timestamp_ms=record.timestamp)
+
+
+def takeover_seconds(bodies: list[dict], killed_at: float, survivor_id_prefix: str) -> float | None:
+    """Return seconds from the kill to the survivor's first output of a stream the killed worker served."""
+    moved = {body["stream_id"] for body in bodies if not body["worker_id"].startswith(survivor_id_prefix)}
+    times = [
+        body["record_timestamp_ms"] / 1000 - killed_at
+        for body in bodies
+        if body["worker_id"].startswith(survivor_id_prefix)
+        and body["stream_id"] in moved
+        and body["record_timestamp_ms"] / 1000 > killed_at
+    ]
+    return min(times) if times else None
 
 
 def stable_content(body: dict) -> dict:
@@ -134,7 +152,7 @@ def make_engine(tiny_loaded):
 
 
 @pytest.fixture
-def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
+def failover_run(broker, redis_server, new_topics, make_engine, tmp_path, record_property):
     """Return ``run(action, fault=None)``: two workers over fresh topics; ``action`` is kill, sigterm or scale_out.
 
     The second half of the events is produced after the group changed.
@@ -172,6 +190,7 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
                 assert time.monotonic() < deadline, f"fault point not reached:\n{first.log_tail()}"
                 await asyncio.sleep(0.05)
             first.kill()
+            killed_at = time.time()
         else:
             # The first worker runs alone until it has produced outputs, then a second one
             # joins and takes partitions over (scale-out); with sigterm the first then leaves.
@@ -190,6 +209,11 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path):
             if process is not None and process.process.poll() is None:
                 process.terminate()
         num_duplicates = check_outputs(bodies, expected, len(records))
+        if action == "kill":
+            survivor_prefix = f"{socket.gethostname()}-{second.process.pid}"
+            takeover_s = takeover_seconds(bodies, killed_at, survivor_prefix)
+            record_property("kill_to_first_moved_output_s", takeover_s)
+            print(f"kill -9 to the first output of a moved stream: {takeover_s} s")
         return num_duplicates, first, second
 
     yield run
