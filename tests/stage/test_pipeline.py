@@ -10,7 +10,7 @@ from topology.schemas import HEADER_IDEMPOTENCY_KEY
 
 
 def mixed_events(num_streams: int, events_per_stream: int):
-    """Interleaved raw and JSON events; every third event of a stream asks for a reply."""
+    """Interleaved raw and JSON events; every third event of a stream requests a reply."""
     records = []
     for index in range(events_per_stream):
         for stream in range(num_streams):
