@@ -40,7 +40,7 @@ def build_summary(run: RunResult, skipped: list[SkippedDocument] = ()) -> dict[s
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "device": str(next(iter(run.modes.values())).memory_kind) if run.modes else "",
+            "device": run.device,
         },
         "modes": {
             name: {

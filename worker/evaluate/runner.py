@@ -41,6 +41,7 @@ class RunResult:
     modes: dict[str, ModeResult]
     model_source: str
     trained_positions: int | None
+    device: str = ""
 
 
 def run_modes(loaded: Any, documents: list[Document], config: PplConfig, progress_bar: bool = True) -> RunResult:
@@ -59,7 +60,8 @@ def run_modes(loaded: Any, documents: list[Document], config: PplConfig, progres
             "%s mode scored %d positions in %.1f s (%.1f tokens/s)",
             mode, result.scored_tokens, result.elapsed_s, result.scored_tokens / max(result.elapsed_s, 1e-9),
         )
-    return RunResult(config, documents, results, str(getattr(loaded, "source", "")), trained_positions)
+    device = str(getattr(loaded, "device", ""))
+    return RunResult(config, documents, results, str(getattr(loaded, "source", "")), trained_positions, device)
 
 
 def dense_token_limit(config: PplConfig, trained_positions: int | None, num_tokens: int) -> int:
