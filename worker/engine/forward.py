@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from worker.engine.models import LoadedModel
 
@@ -32,7 +31,9 @@ class ForwardItem:
 
 
 class CachePool:
-    """Preallocated K and V for ``num_slots`` streams, keys stored before rotation.
+    """Preallocated K and V for ``num_slots`` streams.
+
+    Keys are stored rotated by their physical index (see ``BatchedForward._attention``).
 
     ``keys`` and ``values``: ``[num_layers, num_slots, num_kv_heads, capacity, head_dim]``.
     """
@@ -76,22 +77,49 @@ class RotaryTable:
         cos, sin = rotary(probe, positions)
         self.cos = cos[0].to(loaded.dtype)  # [capacity, head_dim]
         self.sin = sin[0].to(loaded.dtype)
+        # The unscaled rotation for undoing a shift: yarn-style scaling multiplies cos and sin
+        # by a constant, which must be applied once per query, not once per rotation.
+        scale = torch.sqrt(cos[0, :1, :1] ** 2 + sin[0, :1, :1] ** 2)
+        self.unit_cos = (cos[0] / scale).to(loaded.dtype)
+        self.unit_sin = (sin[0] / scale).to(loaded.dtype)
         self.half = self.cos.shape[-1] // 2
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Apply the rotary embedding to ``x`` ``[..., len(positions), head_dim]``."""
-        cos = self.cos[positions]
-        sin = self.sin[positions]
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+    def shift_angles(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the unscaled rotation by ``-shift`` positions, ``[1, head_dim]`` each."""
+        cos = self.unit_cos[abs(shift)].unsqueeze(0)
+        sin = self.unit_sin[abs(shift)].unsqueeze(0)
+        return (cos, -sin) if shift > 0 else (cos, sin)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[..., n, head_dim]`` by angles ``cos``, ``sin`` ``[n or 1, head_dim]``."""
         half = self.half
-        if out is None:
-            out = torch.empty_like(x)
+        out = torch.empty_like(x)
         x1, x2 = x[..., :half], x[..., half:]
-        out1, out2 = out[..., :half], out[..., half:]
-        torch.mul(x1, cos[:, :half], out=out1)
-        out1.addcmul_(x2, sin[:, :half], value=-1)
-        torch.mul(x2, cos[:, half:], out=out2)
-        out2.addcmul_(x1, sin[:, half:])
+        torch.mul(x1, cos[:, :half], out=out[..., :half])
+        out[..., :half].addcmul_(x2, sin[:, :half], value=-1)
+        torch.mul(x2, cos[:, half:], out=out[..., half:])
+        out[..., half:].addcmul_(x1, sin[:, half:])
         return out
+
+
+def key_segments(key_positions: list[int]) -> list[tuple[int, int, int]]:
+    """Split the used physical slots into runs where ``position - physical index`` is constant.
+
+    Returns ``(start, end, shift)`` triples in physical order. With the sink + ring layout
+    there are at most three: the sinks (shift 0), the ring slots before the ring head
+    (shift ``window - head``) and the ring slots from the head on (shift ``-head``).
+    """
+    segments: list[tuple[int, int, int]] = []
+    for physical, position in enumerate(key_positions):
+        shift = position - physical
+        if segments and segments[-1][2] == shift and segments[-1][1] == physical:
+            segments[-1] = (segments[-1][0], physical + 1, shift)
+        else:
+            segments.append((physical, physical + 1, shift))
+    return segments
 
 
 class BatchedForward:
@@ -106,10 +134,6 @@ class BatchedForward:
         self.layers = list(self.decoder.layers)
         self.lm_head = loaded.model.lm_head
         self.group_size = self.spec.num_heads // self.spec.num_kv_heads
-        # Rotated keys of one stream and layer; small enough to stay in the CPU cache.
-        self._rotated = torch.empty(
-            (self.spec.num_kv_heads, pool.capacity, self.spec.head_dim), dtype=loaded.dtype, device=loaded.device
-        )
 
     @torch.inference_mode()
     def __call__(self, items: list[ForwardItem]) -> list[torch.Tensor]:
@@ -143,21 +167,28 @@ class BatchedForward:
         return outputs
 
     def _prepare(self, item: ForwardItem) -> dict:
+        """Compute everything of an item that is the same in every layer."""
         device = self.loaded.device
         num_new = len(item.token_ids)
-        key_positions = torch.tensor(item.key_positions, dtype=torch.long, device=device)
-        query_positions = torch.arange(item.start_position, item.start_position + num_new, device=device)
         write = item.write_slots
         contiguous = write == list(range(write[0], write[0] + num_new))
+        write_index = torch.tensor(write, dtype=torch.long, device=device)
+        query_positions = torch.arange(item.start_position, item.start_position + num_new, device=device)
+        segments = []
+        for start, end, shift in key_segments(item.key_positions):
+            segments.append((start, end, shift, None if shift == 0 else self.rotary.shift_angles(shift)))
         prepared = {
-            "key_positions": key_positions,
-            "query_positions": query_positions,
             "write_range": (write[0], write[0] + num_new) if contiguous else None,
-            "write_index": None if contiguous else torch.tensor(write, dtype=torch.long, device=device),
+            "write_index": write_index,
+            "write_angles": self.rotary.angles(write_index),
+            "query_angles": self.rotary.angles(query_positions),
+            "segments": segments,
             "mask": None,
         }
         if num_new > 1:
-            # Query i may attend to keys at positions <= its own; repeated for each query head of a group.
+            # Query i may attend to keys at positions <= its own; the rows of one KV head hold
+            # its group's query heads one after another, so the mask repeats per head.
+            key_positions = torch.tensor(item.key_positions, dtype=torch.long, device=device)
             visible = key_positions.unsqueeze(0) <= query_positions.unsqueeze(1)  # [num_new, used]
             prepared["mask"] = visible.repeat(self.group_size, 1)  # [group * num_new, used]
         return prepared
@@ -189,8 +220,9 @@ class BatchedForward:
             num_new = last - first
             slot_keys = self.pool.keys[layer_index, item.slot]  # [kv_heads, capacity, head_dim]
             slot_values = self.pool.values[layer_index, item.slot]
-            new_keys = k[first:last].transpose(0, 1)  # [kv_heads, num_new, head_dim]
-            new_values = v[first:last].transpose(0, 1)
+            # New keys are rotated once, by their physical index, and never rewritten.
+            new_keys = self.rotary.rotate(k[first:last].transpose(0, 1), *prep["write_angles"])
+            new_values = v[first:last].transpose(0, 1)  # [kv_heads, num_new, head_dim]
             if prep["write_range"] is not None:
                 lo, hi = prep["write_range"]
                 slot_keys[:, lo:hi].copy_(new_keys)
@@ -199,15 +231,23 @@ class BatchedForward:
                 slot_keys.index_copy_(1, prep["write_index"], new_keys)
                 slot_values.index_copy_(1, prep["write_index"], new_values)
 
-            used = len(item.key_positions)
-            rotated = self.rotary.rotate(slot_keys[:, :used], prep["key_positions"], out=self._rotated[:, :used])
-            query = self.rotary.rotate(q[first:last].transpose(0, 1), prep["query_positions"])  # [heads, new, dim]
+            query = self.rotary.rotate(q[first:last].transpose(0, 1), *prep["query_angles"])  # [heads, new, dim]
             # Grouped-query attention without copying K/V: the query heads that share a KV head
             # become extra query rows of that head.
             query = query.reshape(spec.num_kv_heads, self.group_size * num_new, spec.head_dim)
-            out = F.scaled_dot_product_attention(
-                query, rotated, slot_values[:, :used], attn_mask=prep["mask"], scale=scale
-            )  # [kv_heads, group * num_new, head_dim]
+            scores = []
+            for start, end, shift, angles in prep["segments"]:
+                # A key stored at physical index p sits at position p + shift. Rotating the query
+                # back by shift gives the same score as rotating the key forward to its position.
+                shifted = query if angles is None else self.rotary.rotate(query, *angles)
+                scores.append(torch.matmul(shifted, slot_keys[:, start:end].transpose(1, 2)))
+            scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, rows, used]
+            scores = scores.float() * scale
+            if prep["mask"] is not None:
+                scores.masked_fill_(~prep["mask"], float("-inf"))
+            weights = torch.softmax(scores, dim=-1).to(slot_values.dtype)
+            used = weights.shape[-1]
+            out = torch.matmul(weights, slot_values[:, :used])  # [kv_heads, group * num_new, head_dim]
             out = out.reshape(spec.num_heads, num_new, spec.head_dim).transpose(0, 1)
             outputs.append(out.reshape(num_new, spec.num_heads * spec.head_dim))
         return attn.o_proj(torch.cat(outputs))
