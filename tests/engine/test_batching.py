@@ -101,3 +101,22 @@ def test_batching_more_streams_than_slots(tiny_loaded):
     assert small_replies == large_replies
     assert len(small.resident_lru) == 2
     assert len(small.host_lru) == 4
+
+
+def test_batching_full_tiers_fail_with_reason(tiny_loaded):
+    """With every slot idle-occupied and the host tier full, a new stream's request fails, not hangs."""
+    from worker.engine import EngineConfig, StreamEngine
+
+    config = EngineConfig(sink_tokens=4, window_tokens=20, prefill_chunk_tokens=8, max_resident_streams=1,
+                          max_host_streams=1, max_batch_tokens=64)
+    engine = StreamEngine(tiny_loaded, config)
+    for index in range(2):
+        engine.submit(Request(f"s{index}", "fill", token_ids=random_tokens(6, seed=index),
+                              generate=GenerationParams(max_new_tokens=2)))
+    engine.run_until_idle()
+    engine.submit(Request("late", "e", token_ids=random_tokens(6, seed=9), generate=GenerationParams(max_new_tokens=2)))
+    (result,) = engine.run_until_idle()
+    assert result.error is not None
+    assert "raise max_host_streams" in result.error
+    assert engine.host_stream_ids() == ["s0"]
+    assert engine.resident_stream_ids() == ["s1"]

@@ -240,6 +240,18 @@ class StreamEngine:
     def known_streams(self) -> list[str]:
         return list(self.streams)
 
+    def resident_stream_ids(self) -> list[str]:
+        """Streams in device slots, least recently used first."""
+        return list(self.resident_lru)
+
+    def host_stream_ids(self) -> list[str]:
+        """Streams in the host tier, least recently used first."""
+        return list(self.host_lru)
+
+    def is_idle(self, stream_id: str) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.active is None and not stream.queue
+
     def stream_layout(self, stream_id: str) -> StreamLayout:
         return self.streams[stream_id].layout
 
@@ -405,7 +417,10 @@ class StreamEngine:
             return results
         busy = {c.stream_id for c in candidates}
         idle_lru = [sid for sid in self.resident_lru if sid not in busy and self.streams[sid].active is None]
-        plan = plan_step(candidates, len(self.free_slots), idle_lru, self.config.max_batch_tokens)
+        host_room = self.config.max_host_streams - len(self.host_lru)
+        plan = plan_step(candidates, len(self.free_slots), idle_lru, self.config.max_batch_tokens, host_room)
+        if not plan.items:
+            return results + self._fail_stuck(plan.waiting)
         for stream_id in plan.offload:
             self._offload(stream_id)
         for stream_id in plan.admit:
@@ -450,6 +465,27 @@ class StreamEngine:
         stats.host_streams = len(self.host_lru)
         stats.known_streams = len(self.streams)
         self.last_step_stats = stats
+        return results
+
+    def _fail_stuck(self, waiting: tuple[str, ...]) -> list[Result]:
+        """Fail the requests of streams that cannot get a slot while no other stream runs.
+
+        Every slot holds an idle stream and the host tier is full, so no step would ever
+        free a slot; the requests fail with the reason instead of waiting for ever.
+        """
+        message = (
+            f"no cache slot: all {self.config.max_resident_streams} device slots hold idle streams and the host "
+            f"tier is full ({self.config.max_host_streams} streams); raise max_host_streams or "
+            f"max_resident_streams, end idle streams, or enable the Redis tier"
+        )
+        results = []
+        for stream_id in waiting:
+            stream = self.streams[stream_id]
+            active = stream.active
+            stream.active = None
+            stream.pending = []
+            logger.error("stream %s event %s failed: %s", stream_id, active.request.event_id, message)
+            results.append(self._result(stream, active.request, active.started_at, error=message))
         return results
 
     def _start_requests(self) -> list[Result]:

@@ -41,16 +41,20 @@ def plan_step(
     free_slots: int,
     idle_resident_lru: list[str],
     max_batch_tokens: int,
+    max_offloads: int | None = None,
 ) -> StepPlan:
     """Choose the next step's work.
 
     Decoding streams go first (one token each keeps replies flowing), then prompt chunks
     in submission order. A stream outside the device needs a free slot, or an idle
-    resident stream to offload, least recently used first.
+    resident stream to offload, least recently used first, while the host tier has room
+    for ``max_offloads`` more streams (None: no limit).
     """
     ordered = sorted(candidates, key=lambda c: (not c.decoding, c.submitted_order))
     budget = max_batch_tokens
     offloadable = list(idle_resident_lru)
+    if max_offloads is not None:
+        offloadable = offloadable[:max(0, max_offloads)]
     items, admit, offload, waiting = [], [], [], []
     for candidate in ordered:
         take = min(candidate.pending_tokens, candidate.max_chunk, budget)
