@@ -43,6 +43,12 @@ async def test_rebalance_second_worker_joins_no_loss(broker, redis_server, stage
     async with running_worker(settings_a, engine_a, hooks_a) as worker_a:
         await consume(broker.bootstrap_servers, stage_topics.outputs, len(first) // 2, timeout_s=120)
         async with running_worker(settings_b, engine_b, hooks_b) as worker_b:
+            # Produce the second wave only once the group has given the second worker partitions.
+            loop = asyncio.get_running_loop()
+            joined_by = loop.time() + 60
+            while not worker_b.assigned_partitions and loop.time() < joined_by:
+                await asyncio.sleep(0.1)
+            assert worker_b.assigned_partitions, "the second worker was never assigned a partition"
             await produce(broker.bootstrap_servers, stage_topics.events, second, partition_of=partition_of)
             outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(records), timeout_s=180)
             deadline = asyncio.get_running_loop().time() + 120

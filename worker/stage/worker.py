@@ -149,6 +149,10 @@ class StageWorker:
         if self._fatal is not None:
             raise self._fatal
 
+    @property
+    def assigned_partitions(self) -> list[TopicPartition]:
+        return list(self._partitions)
+
     async def export_stream(self, stream_id: str) -> Any:
         return await self.runner.call(lambda engine: engine.export_stream(stream_id))
 
