@@ -8,12 +8,12 @@ offset on.
 Checkpoint protocol, for one partition ``tp`` whose committable offset moved to
 ``next_offset``:
 
-1. The stage flushes the producer. Every event of ``tp`` below ``next_offset`` is done:
-   its output or dead letter was acknowledged by the broker.
-2. The stage quiesces the streams that changed since the last checkpoint of ``tp``: it
-   holds back their queued events until none of them has work inside the engine, and
-   then calls :meth:`StreamStateHooks.checkpoint`. The hook snapshots each stream (for
-   example through :meth:`StageHandle.export_stream`) and stores it, recording the
+1. The stage quiesces the streams that changed since the last checkpoint of ``tp``: it
+   holds back their queued events until none of them has work inside the engine. It
+   flushes the producer and waits until every output and dead letter of those streams
+   is acknowledged by the broker, including events at or above ``next_offset``.
+2. The stage calls :meth:`StreamStateHooks.checkpoint`. The hook snapshots each stream
+   (for example through :meth:`StageHandle.export_stream`) and stores it, recording the
    stream's ``last_offset``. Outputs of all events up to ``last_offset`` are acknowledged.
 3. Only when ``checkpoint`` returned True does the stage commit ``next_offset`` for
    ``tp``. On False (or an exception) it commits nothing and tries again at the next

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 RESEND_DELAY_S = 1.0  # wait before producing an output again after the producer gave up
 WARN_INTERVAL_S = 10.0  # at most one dead-letter warning per reason in this many seconds
+ACK_WAIT_S = 30.0  # maximum seconds a checkpoint waits for the outputs it covers to be acknowledged
 
 
 @dataclass
@@ -77,6 +78,8 @@ class PartitionState:
     changed_streams: dict[str, int] = field(default_factory=dict)
     # Streams restored from a snapshot -> offset of the last event the snapshot contains.
     restored_through: dict[str, int] = field(default_factory=dict)
+    # Streams with outputs or dead letters produced and not yet acknowledged -> how many.
+    unacked: dict[str, int] = field(default_factory=dict)
     paused: bool = False
     num_done_since_commit: int = 0
     revoking: bool = False
@@ -318,7 +321,7 @@ class StageWorker:
             _tp_name(pending.tp), pending.offset, pending.stream_id, message,
         )
         error = messages.InvalidEventError(messages.ENGINE_ERROR, f"the engine failed on the event: {message}")
-        self._dead_letter(self._partitions.get(pending.tp), pending.record, error)
+        self._dead_letter(self._partitions.get(pending.tp), pending.record, error, pending)
 
     def _finish(self, pending: PendingEvent, result: Any) -> None:
         state = self._partitions.get(pending.tp)
@@ -330,11 +333,32 @@ class StageWorker:
             pending.event, result, self._stage.worker_id, self.model_fingerprint,
             queued_s=(pending.submitted_at or now) - pending.fetched_at, total_s=now - pending.fetched_at,
         )
+        self._output_sent(pending)
+
+        def on_done() -> None:
+            self._output_acked(pending)
+            self._output_done(pending, result)
+
         self._send(
             pending.tp, pending.generation, pending.offset,
-            self.settings.kafka.outputs_topic, pending.stream_id.encode(), value, headers,
-            on_done=lambda: self._output_done(pending, result),
+            self.settings.kafka.outputs_topic, pending.stream_id.encode(), value, headers, on_done,
         )
+
+    def _output_sent(self, pending: PendingEvent) -> None:
+        """Count an output or dead letter of ``pending``'s stream as not yet acknowledged."""
+        state = self._partitions.get(pending.tp)
+        if state is not None and state.generation == pending.generation:
+            state.unacked[pending.stream_id] = state.unacked.get(pending.stream_id, 0) + 1
+
+    def _output_acked(self, pending: PendingEvent) -> None:
+        state = self._partitions.get(pending.tp)
+        if state is None or state.generation != pending.generation:
+            return
+        left = state.unacked.get(pending.stream_id, 0) - 1
+        if left > 0:
+            state.unacked[pending.stream_id] = left
+        else:
+            state.unacked.pop(pending.stream_id, None)
 
     def _output_done(self, pending: PendingEvent, result: Any) -> None:
         self.stats.outputs += 1
@@ -346,7 +370,10 @@ class StageWorker:
             if pending.submitted_at:
                 self.metrics.queue_wait.observe(pending.submitted_at - pending.fetched_at)
 
-    def _dead_letter(self, state: PartitionState | None, record: ConsumerRecord, error: messages.InvalidEventError) -> None:
+    def _dead_letter(
+        self, state: PartitionState | None, record: ConsumerRecord, error: messages.InvalidEventError,
+        pending: PendingEvent | None = None,
+    ) -> None:
         tp = TopicPartition(record.topic, record.partition)
         reason = error.reason
         self._warn_dead_letter(tp, record, reason)
@@ -356,8 +383,12 @@ class StageWorker:
             self.metrics.event_failed(reason)
         value, headers = messages.dead_letter_message(record, error)
         generation = state.generation if state is not None else -1
+        if pending is not None:
+            self._output_sent(pending)
 
         def on_done() -> None:
+            if pending is not None:
+                self._output_acked(pending)
             self.stats.dead_letters += 1
 
         self._send(tp, generation, record.offset, self.settings.kafka.dlq_topic, record.key, value, headers, on_done)
@@ -420,11 +451,13 @@ class StageWorker:
             self._last_commit = time.monotonic()
 
     async def _commit_partition(self, state: PartitionState) -> bool:
-        """Checkpoint and commit one partition; the steps are those of :mod:`worker.stage.hooks`."""
+        """Checkpoint and commit one partition; the steps are those of :mod:`worker.stage.hooks`.
+
+        Events below the committable offset are done: their outputs are acknowledged.
+        Steps 1 and 2 (flush, snapshots) run in :meth:`_checkpoint_streams`.
+        """
         tp = state.tp
-        # Step 1. Events below the committable offset are done, so their outputs are acknowledged.
         next_offset = state.tracker.committable_offset()
-        # Step 2. Snapshot the streams changed since the last checkpoint, quiesced.
         if self.hooks.snapshots_enabled and state.changed_streams:
             if not await self._checkpoint_streams(state, next_offset):
                 return False
@@ -445,12 +478,24 @@ class StageWorker:
         return True
 
     async def _checkpoint_streams(self, state: PartitionState, next_offset: int) -> bool:
+        """Steps 1 and 2: quiesce the changed streams, wait for their outputs, snapshot them.
+
+        A snapshot covers every event of its stream up to the stream's last applied
+        offset, and a new owner skips those events after a restore, so each of their
+        outputs (or dead letters) must be acknowledged before the snapshot is written;
+        otherwise a kill -9 would lose the output still in flight. Returns False (commit
+        nothing) when the outputs are not acknowledged within ``ACK_WAIT_S``.
+        """
         stream_ids = list(state.changed_streams)
         for stream_id in stream_ids:
             self._dispatcher.hold(stream_id)
         try:
             while any(self._dispatcher.in_flight(stream_id) for stream_id in stream_ids):
                 await self._wait_progress(0.05)
+            # Step 1. Flush the producer: the outputs of the quiesced streams are acknowledged.
+            if not await self._wait_acknowledged(state, stream_ids):
+                return False
+            # Step 2. Snapshot the streams changed since the last checkpoint.
             stream_offsets = {stream_id: state.changed_streams[stream_id] for stream_id in stream_ids}
             try:
                 ok = await self.hooks.checkpoint(state.tp, stream_offsets, next_offset)
@@ -466,6 +511,19 @@ class StageWorker:
             for stream_id in stream_ids:
                 self._dispatcher.release(stream_id)
             self._dispatch()
+
+    async def _wait_acknowledged(self, state: PartitionState, stream_ids: list[str]) -> bool:
+        deadline = time.monotonic() + ACK_WAIT_S
+        await self.producer.flush()
+        while any(state.unacked.get(stream_id) for stream_id in stream_ids):
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "outputs of %s are still unacknowledged after %.0f s; skipping this checkpoint "
+                    "and retrying at the next one", _tp_name(state.tp), ACK_WAIT_S,
+                )
+                return False
+            await self._wait_progress(0.05)
+        return True
 
     # -- rebalances ---------------------------------------------------------------------
 

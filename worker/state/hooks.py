@@ -2,8 +2,9 @@
 
 The stage (:mod:`worker.stage.hooks`) drives the protocol for a partition ``tp``:
 
-1. The stage flushes the producer: outputs of the events being checkpointed are
-   acknowledged.
+1. The stage quiesces the changed streams of ``tp``, flushes the producer and waits
+   until every output of those streams is acknowledged, up to each stream's last
+   applied event (which may lie above ``next_offset``).
 2. :meth:`RedisStateHooks.checkpoint` exports each stream that changed since its last
    checkpoint and writes a delta (or a new base) of it, each made visible by one
    MULTI/EXEC that sets the stream's ``latest`` chain. It returns False, and the stage
