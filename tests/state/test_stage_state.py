@@ -96,3 +96,71 @@ async def test_checkpoint_output_in_flight_snapshot_waits(broker, redis_server, 
         await asyncio.wait_for(task, 60)
         await hooks.close()
         await store.close()
+
+
+def stream_events(stream_ids, round_index: int) -> list[tuple[bytes, bytes, None]]:
+    return [append_event(stream_id, f"Round {round_index} of {stream_id}: the tide turns.") for stream_id in stream_ids]
+
+
+async def wait_for(condition, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        await asyncio.sleep(0.05)
+
+
+async def test_checkpoint_redis_down_pauses_then_resumes(broker, stage_topics, make_settings, make_engine, caplog):
+    from aiokafka.structs import TopicPartition
+
+    from worker.devservices import start_redis
+    from worker.health import HealthState
+
+    redis = start_redis()
+    port = redis.port
+    restarted = None
+    settings = redis_settings(make_settings, redis, checkpoint={"max_unsafe_s": 1.0})
+    engine = make_engine()
+    hooks = from_worker_settings(settings, engine)
+    health = HealthState(stuck_after_s=60, max_unsafe_s=settings.checkpoint.max_unsafe_s)
+    health.set_model_loaded(True)
+    worker = StageWorker(settings, engine, hooks=hooks, health=health)
+    task = asyncio.create_task(worker.run())
+    tp = TopicPartition(stage_topics.events, 0)
+    streams = ["a", "b"]
+    try:
+        await produce(broker.bootstrap_servers, stage_topics.events, stream_events(streams, 0),
+                      partition_of=lambda key: 0)
+        await wait_for(lambda: worker.stats.outputs == 2, 60, "the first round produced no outputs")
+        await wait_for(lambda: health.ready()[0], 30, "the worker never became ready")
+
+        redis.kill()
+        await produce(broker.bootstrap_servers, stage_topics.events, stream_events(streams, 1),
+                      partition_of=lambda key: 0)
+        await wait_for(lambda: tp in worker.consumer.paused(), 60,
+                       "the partition was not paused while checkpoints failed")
+        await wait_for(lambda: not health.ready()[0], 10, "/readyz must fail while checkpoints fail")
+        consumed = worker.stats.consumed
+        await produce(broker.bootstrap_servers, stage_topics.events, stream_events(streams, 2),
+                      partition_of=lambda key: 0)
+        await asyncio.sleep(1.5)
+        assert worker.stats.consumed == consumed, "a paused partition must not be fetched"
+
+        restarted = start_redis(port=port)
+        await wait_for(lambda: tp not in worker.consumer.paused(), 60,
+                       "the partition was not resumed after checkpoints succeeded")
+        await wait_for(lambda: worker.stats.outputs == 6, 60, "events after the pause were not processed")
+        await wait_for(lambda: health.ready()[0], 30, "/readyz did not recover after a checkpoint")
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)
+        await hooks.close()
+        redis.stop()
+        if restarted is not None:
+            restarted.stop()
+    # One warning per partition and episode (partitions without checkpoints pause too).
+    pausing = [r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING" and r.getMessage().startswith(f"pausing {stage_topics.events}[0]")]
+    assert len(pausing) == 1, pausing
+    resuming = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"resuming {stage_topics.events}[0]")]
+    assert len(resuming) == 1, resuming

@@ -58,7 +58,8 @@ async def run_worker(
     from worker.metrics import HealthState, WorkerMetrics, start_metrics_server
 
     metrics = WorkerMetrics()
-    health = HealthState(stuck_after_s=settings.metrics.stuck_after_s)
+    health = HealthState(stuck_after_s=settings.metrics.stuck_after_s,
+                         max_unsafe_s=settings.checkpoint.max_unsafe_s)
     server = None
     if settings.metrics.port:
         server = start_metrics_server(settings.metrics.port, metrics, health, host=settings.metrics.host)

@@ -81,6 +81,7 @@ class PartitionState:
     # Streams with outputs or dead letters produced and not yet acknowledged -> how many.
     unacked: dict[str, int] = field(default_factory=dict)
     paused: bool = False
+    unsafe: bool = False  # paused because no checkpoint succeeded for checkpoint.max_unsafe_s
     num_done_since_commit: int = 0
     revoking: bool = False
 
@@ -473,6 +474,8 @@ class StageWorker:
         # Step 4. Mark the snapshots committed.
         if self.hooks.snapshots_enabled:
             await self.hooks.committed(tp, next_offset)
+        if self.health is not None:
+            self.health.record_checkpoint()
         if self.metrics is not None:
             self.metrics.checkpoints.inc()
         return True
@@ -599,13 +602,20 @@ class StageWorker:
         should_pause = getattr(self.hooks, "should_pause", None)
         for state in self._partitions.values():
             unsafe = should_pause is not None and should_pause(state.tp)
+            if unsafe and not state.unsafe:
+                logger.warning(
+                    "pausing %s: no successful checkpoint for %.0f s (checkpoint.max_unsafe_s); fetching "
+                    "stops and /readyz fails until a checkpoint succeeds, and events already fetched "
+                    "keep running; check the snapshot store (Redis)",
+                    _tp_name(state.tp), self.settings.checkpoint.max_unsafe_s,
+                )
+            elif state.unsafe and not unsafe:
+                logger.warning("resuming %s: checkpoints succeed again", _tp_name(state.tp))
+            state.unsafe = unsafe
             if not state.paused and (total >= limit or unsafe):
                 self.consumer.pause(state.tp)
                 state.paused = True
                 self.stats.pauses += 1
-                if unsafe:
-                    logger.warning("pausing %s: no successful checkpoint for %.0f s",
-                                   _tp_name(state.tp), self.settings.checkpoint.max_unsafe_s)
             elif state.paused and total < limit * 3 // 4 and not unsafe:
                 self.consumer.resume(state.tp)
                 state.paused = False
