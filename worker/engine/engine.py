@@ -111,7 +111,7 @@ class StreamSnapshot:
     """A stream's complete state: metadata and K/V as the engine holds them.
 
     ``keys`` and ``values``: ``[num_layers, num_kv_heads, used_slots, head_dim]`` in the
-    cache dtype, keys before the rotary embedding, in physical slot order.
+    cache dtype and physical slot order; each key is rotated by its physical slot index.
     """
 
     stream_id: str
@@ -297,7 +297,7 @@ class StreamEngine:
         )
 
     def import_stream(self, snapshot: StreamSnapshot) -> None:
-        """Load a stream's state, replacing any state of that stream; refuse foreign snapshots."""
+        """Load a stream's state, replacing any state of that stream; reject foreign snapshots."""
         self.check_snapshot(snapshot)
         self.drop_stream(snapshot.stream_id)
         layout = StreamLayout(**snapshot.layout)
@@ -450,9 +450,7 @@ class StreamEngine:
             stream.tokens_seen += len(chunk)
             del active.to_feed[:len(chunk)]
             stats.tokens_evicted += append.num_evicted
-            if active.generated:
-                stats.tokens_generated += 0  # counted when sampled
-            else:
+            if not active.generated:  # generated tokens are counted when sampled
                 stats.tokens_prefilled += len(chunk)
             finished = self._after_forward(stream, active, chunk, item_logits, stats)
             if finished is not None:

@@ -9,8 +9,9 @@ Physical layout of one stream's slot (``S`` = sink_tokens, ``W`` = window_tokens
 
 Positions fed to the rotary embedding are assigned by cache order, not by physical
 index: sink ``j`` sits at position ``j``, the ``i``-th oldest window token at
-``sink_filled + i``. Keys are stored before rotation, so a token's stored key never
-changes while its position shifts as older tokens are evicted.
+``sink_filled + i``. A key is rotated once, by its physical index, when it is written;
+attention rotates the query instead (see ``forward.key_segments``), so a token's stored
+key never changes while its position shifts as older tokens are evicted.
 
 The used physical region is always the prefix ``[0, sink_filled + window_count)``: the
 ring only wraps once it is full, and from then on it stays full.
