@@ -157,7 +157,8 @@ def plot_rows(table_dir: Path, path: Path) -> None:
             modes[label] = ModeResult(label, nll, 0.0, 0, 0, "")
     if not modes:
         raise SystemExit(f"no finished rows under {table_dir}")
-    plot_log_perplexity(RunResult(config, documents, modes, "", trained_positions), path, pooled=True)
+    run = RunResult(config, documents, modes, "", trained_positions)
+    plot_log_perplexity(run, path, pooled=True, title=f"{table_dir.name}, cache {config.cache_tokens}")
     logger.info("plot written to %s", path)
 
 

@@ -148,11 +148,12 @@ def write_nll(run: RunResult, path: Path) -> None:
         np.savez_compressed(handle, **arrays)
 
 
-def plot_log_perplexity(run: RunResult, path: Path, pooled: bool = False) -> None:
+def plot_log_perplexity(run: RunResult, path: Path, pooled: bool = False, title: str | None = None) -> None:
     """Plot log-perplexity (mean NLL per segment) against tokens processed.
 
     One panel per document, or with ``pooled`` a single panel whose segments pool the
-    same positions of every document.
+    same positions of every document. ``title`` replaces the cache and sink settings in
+    the panel titles, for plots whose lines come from runs with different settings.
     """
     import matplotlib
 
@@ -162,7 +163,7 @@ def plot_log_perplexity(run: RunResult, path: Path, pooled: bool = False) -> Non
     width = run.config.segment_tokens
     panels = _plot_panels(run, pooled)
     figure, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
-    for axis, (title, doc_indices, num_tokens) in zip((row[0] for row in axes), panels):
+    for axis, (panel_title, doc_indices, num_tokens) in zip((row[0] for row in axes), panels):
         for mode, result in run.modes.items():
             centers, values = [], []
             for start in range(0, num_tokens, width):
@@ -177,7 +178,8 @@ def plot_log_perplexity(run: RunResult, path: Path, pooled: bool = False) -> Non
             axis.axvline(run.config.cache_tokens, color="black", linestyle=":", label="cache full")
         if run.trained_positions and run.trained_positions < num_tokens:
             axis.axvline(run.trained_positions, color="grey", linestyle="--", label="trained positions")
-        axis.set_title(f"{title} (cache {run.config.cache_tokens}, {run.config.sink_tokens} sinks)")
+        settings = title or f"cache {run.config.cache_tokens}, {run.config.sink_tokens} sinks"
+        axis.set_title(f"{panel_title} ({settings})")
         axis.set_xlabel("tokens processed")
         axis.set_ylabel(f"log perplexity (per {width} tokens)")
         axis.legend()
