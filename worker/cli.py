@@ -54,7 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    from worker.exceptions import SinkstreamError
+
+    try:
+        result = args.func(args)
+    except SinkstreamError as exc:
+        # Errors raised on purpose name the value and the fix; a traceback adds nothing for users.
+        logging.getLogger("sinkstream").debug("command failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return int(result or 0)
 
 
