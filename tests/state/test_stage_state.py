@@ -164,3 +164,52 @@ async def test_checkpoint_redis_down_pauses_then_resumes(broker, stage_topics, m
     resuming = [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith(f"resuming {stage_topics.events}[0]")]
     assert len(resuming) == 1, resuming
+
+
+def two_round_events(num_streams: int) -> list[tuple[bytes, bytes, None]]:
+    """An append then a generate per stream, round by round, so every stream is idle in between."""
+    records = []
+    for round_index in range(2):
+        for stream in range(num_streams):
+            stream_id = f"stream-{stream:02d}"
+            text = f"Round {round_index} of {stream_id}: the tide turns at {stream * 7 + round_index} o'clock."
+            records.append(append_event(stream_id, text, generate=round_index == 1))
+    return records
+
+
+async def test_tiering_redis_tier_outputs_match_all_resident(broker, redis_server, stage_topics, make_settings,
+                                                             make_engine):
+    from tests.stage.conftest import ENGINE_CONFIG
+    from tests.stage.test_pipeline import engine_alone_outputs
+    from worker.engine import EngineConfig, StreamEngine
+
+    num_streams = 20
+    settings = redis_settings(make_settings, redis_server, engine={"max_resident_streams": 2, "max_host_streams": 2})
+    reference_engine = make_engine()
+    engine = StreamEngine(reference_engine.loaded,
+                          EngineConfig(**dict(ENGINE_CONFIG, max_resident_streams=2, max_host_streams=2)))
+    hooks = from_worker_settings(settings, engine)
+    records = two_round_events(num_streams)
+    worker = StageWorker(settings, engine, hooks=hooks)
+    task = asyncio.create_task(worker.run())
+    try:
+        # The second round starts after the first is done, so most streams are in Redis only.
+        for round_records in (records[:num_streams], records[num_streams:]):
+            await produce(broker.bootstrap_servers, stage_topics.events, round_records,
+                          partition_of=lambda key: partition_for_stream(key.decode(), 4))
+            await wait_for(lambda: worker.stats.outputs + worker.stats.dead_letters >= len(round_records) * (
+                1 + (round_records is records[num_streams:])), 240, "a round of events did not finish")
+        outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(records), timeout_s=60)
+    finally:
+        worker.request_stop()
+        await asyncio.wait_for(task, 60)
+        await hooks.close()
+    assert worker.stats.dead_letters == 0, worker.stats.dead_letter_reasons
+    assert len(outputs) == len(records)
+    assert hooks.stats.restores > 0, "no stream came back from the Redis tier"
+    by_stream: dict[str, list[str]] = {}
+    for record in sorted(outputs, key=lambda r: json.loads(r.value)["source"]["offset"]):
+        body = json.loads(record.value)
+        by_stream.setdefault(body["stream_id"], []).append(body["text"])
+    expected = engine_alone_outputs(make_engine, settings, records, stage_topics.events)
+    assert by_stream == expected

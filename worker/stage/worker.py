@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ from worker.stage.hooks import NoStateHooks, StreamStateHooks
 from worker.stage.offsets import OffsetTracker
 from worker.stage.runner import EngineRunner
 from worker.stage.settings import WorkerSettings
+from worker.state.tiering import offload_clean_streams
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,14 @@ class StageWorker:
             max_in_flight=settings.stage.queue_max_events
         )
         self._in_engine: dict[str, PendingEvent] = {}  # request id -> event inside the engine
+        # Redis tier (snapshots enabled): streams the engine holds or is about to hold, streams
+        # held back until the engine has room for them, and streams dropped after a checkpoint.
+        self._engine_streams: set[str] = set()
+        self._waiting_room: OrderedDict[str, PartitionState] = OrderedDict()
+        self._offloaded: set[str] = set()
+        # A host-tier stream needs its host entry until an idle resident stream has moved to
+        # the host tier in its place, so one host entry stays free.
+        self._engine_capacity = settings.engine.max_resident_streams + max(0, settings.engine.max_host_streams - 1)
         self._progress = asyncio.Event()  # set whenever something finished
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -250,12 +259,27 @@ class StageWorker:
             self._dead_letter(state, record, exc)
             return
         pending = PendingEvent(state.tp, record.offset, state.generation, record, event, time.monotonic())
-        if pending.stream_id not in state.stream_ids:
-            state.stream_ids.add(pending.stream_id)
-            if self.hooks.snapshots_enabled:
-                self._dispatcher.hold(pending.stream_id)
-                self._spawn(self._restore(state, pending.stream_id))
+        stream_id = pending.stream_id
+        state.stream_ids.add(stream_id)
+        if (
+            self.hooks.snapshots_enabled
+            and stream_id not in self._engine_streams
+            and stream_id not in self._waiting_room
+        ):
+            # A new stream, or one dropped to the Redis tier: restore it before its event,
+            # once the engine has room for it.
+            self._dispatcher.hold(stream_id)
+            self._offloaded.discard(stream_id)
+            self._waiting_room[stream_id] = state
+            self._admit_waiting()
         self._dispatcher.admit(pending)
+
+    def _admit_waiting(self) -> None:
+        """Restore waiting streams into the engine while it holds fewer than its capacity."""
+        while self._waiting_room and len(self._engine_streams) < self._engine_capacity:
+            stream_id, state = self._waiting_room.popitem(last=False)
+            self._engine_streams.add(stream_id)
+            self._spawn(self._restore(state, stream_id))
 
     async def _restore(self, state: PartitionState, stream_id: str) -> None:
         try:
@@ -444,12 +468,40 @@ class StageWorker:
 
     async def _maybe_commit(self, force: bool = False) -> None:
         due = time.monotonic() - self._last_commit >= self.settings.checkpoint.interval_s
+        checkpointed = False
         for state in list(self._partitions.values()):
             many = state.num_done_since_commit >= self.settings.checkpoint.interval_events
-            if (force or due or many) and state.tracker.needs_commit() and not state.revoking:
-                await self._commit_partition(state)
+            # Streams waiting for room need changed streams checkpointed (then dropped),
+            # even where the committable offset did not move.
+            for_room = due and bool(self._waiting_room) and bool(state.changed_streams)
+            if (force or due or many) and (state.tracker.needs_commit() or for_room) and not state.revoking:
+                checkpointed |= await self._commit_partition(state)
         if due or force:
             self._last_commit = time.monotonic()
+        if checkpointed and self.hooks.snapshots_enabled:
+            await self._offload_clean_streams()
+
+    async def _offload_clean_streams(self) -> None:
+        """Drop idle host-tier streams whose latest snapshot equals their cache (the Redis tier)."""
+        keep = set(self._waiting_room)
+        for state in self._partitions.values():
+            keep.update(state.changed_streams)
+            keep.update(state.unacked)
+        for stream_id in self._engine_streams:
+            dispatcher = self._dispatcher
+            if dispatcher.queued(stream_id) or dispatcher.in_flight(stream_id) or dispatcher.is_held(stream_id):
+                keep.add(stream_id)
+        max_host = self.settings.engine.max_host_streams
+        # Streams waiting for room need every clean host-tier stream dropped, not a quarter.
+        low_watermark = 0.0 if self._waiting_room else 0.75
+        dropped = await self.runner.call(
+            lambda engine: offload_clean_streams(engine, keep, max_host, low_watermark)
+        )
+        if dropped:
+            self._engine_streams.difference_update(dropped)
+            self._offloaded.update(dropped)
+            logger.debug("dropped %d clean idle streams to the Redis tier: %s", len(dropped), dropped)
+        self._admit_waiting()
 
     async def _commit_partition(self, state: PartitionState) -> bool:
         """Checkpoint and commit one partition; the steps are those of :mod:`worker.stage.hooks`.
@@ -585,6 +637,11 @@ class StageWorker:
             if pending.stream_id in stream_ids:
                 del self._in_engine[request_id]
         self._dispatcher.forget(stream_ids)
+        self._engine_streams.difference_update(stream_ids)
+        self._offloaded.difference_update(stream_ids)
+        for stream_id in stream_ids:
+            self._waiting_room.pop(stream_id, None)
+        self._admit_waiting()
         if stream_ids:
             await self.runner.call(lambda engine: messages.drop_streams(engine, stream_ids))
 

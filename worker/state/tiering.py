@@ -53,14 +53,9 @@ def offload_clean_streams(
     Must run on the thread that owns the engine. The caller must restore each returned
     stream from Redis before it submits the stream's next event.
     """
-    # NOTE: reads the engine's host_lru and per-stream queues directly because the engine
-    # does not expose its host tier yet.
-    busy = {
-        stream_id
-        for stream_id, stream in engine.streams.items()
-        if stream.active is not None or stream.queue
-    }
-    chosen = plan_redis_offload(list(engine.host_lru), changed, busy, max_host_streams, low_watermark)
+    host = engine.host_stream_ids()
+    busy = {stream_id for stream_id in host if not engine.is_idle(stream_id)}
+    chosen = plan_redis_offload(host, changed, busy, max_host_streams, low_watermark)
     for stream_id in chosen:
         engine.drop_stream(stream_id)
     return chosen
