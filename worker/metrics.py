@@ -40,14 +40,13 @@ __all__ = [
 
 # Why an event did not produce its normal output: the dead-letter reason codes of
 # topology.schemas (invalid input, engine_error), plus failures that send nothing to the
-# dead-letter topic. Dead letters are labelled with DEAD_LETTER_REASONS + ("other",).
+# dead-letter topic. Dead letters are labelled with DEAD_LETTER_REASONS only.
 EVENT_FAILURE_REASONS = (
     *DEAD_LETTER_REASONS,
     "publish_error",  # the output could not be produced to Kafka
     "restore_error",  # the stream's cache could not be restored or replayed
     "other",
 )
-_DEAD_LETTER_LABELS = (*DEAD_LETTER_REASONS, "other")
 
 # Sources of a restored stream cache, for a stream that was not resident when needed.
 RESTORE_SOURCES = (
@@ -96,20 +95,23 @@ class WorkerMetrics:
       ``checkpoints``: completed checkpoints (snapshots flushed, offsets committed).
 
     Histograms:
-      ``time_to_first_token``: from the event's dequeue to its first generated token.
-      ``inter_token_latency``: between consecutive generated tokens of one reply.
+      ``time_to_first_token``: from the engine accepting the event to its first generated
+        token. Use :meth:`observe_result`.
+      ``inter_token_latency``: mean time between generated tokens of one reply: the
+        generation time after the first token over (generated tokens - 1).
       ``event_latency``: from the Kafka record timestamp to the output being produced
         (use :meth:`observe_event_latency`; includes producer-side delay and clock skew).
       ``queue_wait``: from consumption to the engine accepting the event.
       ``engine_step_duration``: one batched forward (``engine.step()``).
-      ``engine_batch_size``: streams in one step; ``engine_batch_tokens``: tokens in it.
+      ``engine_batch_size``: streams in one step (``StepStats.num_streams``);
+        ``engine_batch_tokens``: tokens in it (``StepStats.batch_size``).
       ``snapshot_duration`` / ``restore_duration``: one snapshot write / restore.
       ``snapshot_size``: bytes of one snapshot.
 
     Gauges:
       ``streams_resident``: streams holding a cache slot on the device.
       ``streams_host``: streams offloaded to host memory.
-      ``streams_known``: streams this worker has state for (resident, host or Redis).
+      ``streams_known``: streams in the engine (resident or host).
       ``slot_utilization``: resident streams / slot pool size (0 to 1).
       ``queue_events``: events consumed and waiting for the engine.
       ``consumer_lag{topic,partition}``: end offset minus position, per assigned partition.
@@ -184,7 +186,7 @@ class WorkerMetrics:
         # before the first failure.
         for reason in EVENT_FAILURE_REASONS:
             self.events_failed.labels(reason=reason)
-        for reason in _DEAD_LETTER_LABELS:
+        for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason=reason)
         for direction in SNAPSHOT_DIRECTIONS:
             self.snapshot_bytes.labels(direction=direction)
@@ -196,11 +198,12 @@ class WorkerMetrics:
             return Histogram(name, doc, buckets=buckets, registry=r)
 
         self.time_to_first_token = histogram(
-            "sinkstream_time_to_first_token_seconds", "Dequeue to first generated token.",
+            "sinkstream_time_to_first_token_seconds", "Engine submission to first generated token.",
             TIME_TO_FIRST_TOKEN_BUCKETS,
         )
         self.inter_token_latency = histogram(
-            "sinkstream_inter_token_latency_seconds", "Time between generated tokens.", INTER_TOKEN_BUCKETS
+            "sinkstream_inter_token_latency_seconds", "Mean time between generated tokens of one reply.",
+            INTER_TOKEN_BUCKETS,
         )
         self.event_latency = histogram(
             "sinkstream_event_latency_seconds", "Kafka record timestamp to output produced.",
@@ -237,7 +240,7 @@ class WorkerMetrics:
             "sinkstream_streams_host", "Streams offloaded to host memory.", registry=r
         )
         self.streams_known = Gauge(
-            "sinkstream_streams_known", "Streams this worker has state for.", registry=r
+            "sinkstream_streams_known", "Streams in the engine (resident or host).", registry=r
         )
 
         self.slot_utilization = Gauge(
@@ -277,7 +280,13 @@ class WorkerMetrics:
         self.events_failed.labels(reason=_known(reason, EVENT_FAILURE_REASONS)).inc()
 
     def dead_lettered(self, reason: str) -> None:
-        self.dead_letters.labels(reason=_known(reason, _DEAD_LETTER_LABELS)).inc()
+        """Count one dead letter; ``reason`` must be one of ``topology.schemas.DEAD_LETTER_REASONS``."""
+        if reason not in DEAD_LETTER_REASONS:
+            raise ValueError(
+                f"dead-letter reason {reason!r} is not one of topology.schemas.DEAD_LETTER_REASONS; "
+                "add it to the schema first"
+            )
+        self.dead_letters.labels(reason=reason).inc()
 
     def restored(self, source: str, duration_s: float, num_bytes: int = 0) -> None:
         """Count one restore from ``source`` (``RESTORE_SOURCES``) and its duration and bytes."""
@@ -304,26 +313,34 @@ class WorkerMetrics:
         self.event_latency.observe(max(0.0, now_s - record_timestamp_ms / 1000.0))
 
     def observe_step(self, stats: Any) -> None:
-        """Record one engine step from its stats object.
+        """Record one engine step from the engine's ``StepStats``.
 
-        Reads ``batch_size`` (streams in the step), ``num_streams`` (streams resident
-        after the step), ``tokens_prefilled``, ``tokens_generated``, ``tokens_evicted``
-        and ``duration_s``. With a ``num_slots`` attribute it also sets the slot
-        utilization. A step with no streams is not observed.
+        Reads ``num_streams`` (streams in the step), ``batch_size`` (tokens in the step),
+        ``tokens_prefilled``, ``tokens_generated``, ``tokens_evicted``, ``duration_s``,
+        ``resident_streams``, ``host_streams``, ``known_streams`` and ``slots_total``.
+        A step with no streams is not observed.
         """
-        if stats.batch_size <= 0:
+        if stats.num_streams <= 0:
             return
-        self.engine_batch_size.observe(stats.batch_size)
-        self.engine_batch_tokens.observe(stats.tokens_prefilled + stats.tokens_generated)
+        self.engine_batch_size.observe(stats.num_streams)
+        self.engine_batch_tokens.observe(stats.batch_size)
         self.engine_step_duration.observe(stats.duration_s)
         self.tokens_prefilled.inc(stats.tokens_prefilled)
         self.tokens_generated.inc(stats.tokens_generated)
         self.tokens_evicted.inc(stats.tokens_evicted)
-        num_slots = getattr(stats, "num_slots", None)
-        if num_slots:
-            self.set_slot_pool(stats.num_streams, num_slots)
-        else:
-            self.streams_resident.set(stats.num_streams)
+        self.set_slot_pool(stats.resident_streams, stats.slots_total)
+        self.streams_host.set(stats.host_streams)
+        self.streams_known.set(stats.known_streams)
+
+    def observe_result(self, result: Any) -> None:
+        """Record the time to first token and the inter-token latency of one engine result."""
+        first_s = getattr(result, "time_to_first_token_s", None)
+        if first_s is None:
+            return
+        self.time_to_first_token.observe(first_s)
+        generated = getattr(result, "generated_tokens", 0) or 0
+        if generated >= 2:
+            self.inter_token_latency.observe(max(0.0, result.total_s - first_s) / (generated - 1))
 
     def set_slot_pool(self, num_resident: int, num_slots: int) -> None:
         self.streams_resident.set(num_resident)

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.engine.engine import Result, StepStats
 from worker.metrics import (
     DEAD_LETTER_REASONS,
     EVENT_FAILURE_REASONS,
@@ -22,17 +23,6 @@ from worker.metrics import (
 
 NAME_RULE = re.compile(r"^sinkstream_[a-z0-9_]+$")
 UNIT_WORDS = ("ms", "milliseconds", "kb", "mb", "percent")
-
-
-@dataclass
-class StepStats:
-    batch_size: int
-    num_streams: int
-    tokens_prefilled: int
-    tokens_generated: int
-    tokens_evicted: int
-    duration_s: float
-    num_slots: int = 0
 
 
 def get(url: str) -> tuple[int, str]:
@@ -88,11 +78,12 @@ def test_failure_reason_unknown_counts_as_other():
     metrics = WorkerMetrics(CollectorRegistry())
     metrics.event_failed("stream-1234 exploded")
     metrics.dead_lettered("invalid_json")
-    metrics.dead_lettered("publish_error")  # not a dead-letter reason
+    with pytest.raises(ValueError, match="publish_error"):
+        metrics.dead_lettered("publish_error")  # not a dead-letter reason
     registry = metrics.registry
     assert registry.get_sample_value("sinkstream_events_failed_total", {"reason": "other"}) == 1
     assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "invalid_json"}) == 1
-    assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "other"}) == 1
+    assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": "other"}) is None
     for reason in DEAD_LETTER_REASONS:
         assert registry.get_sample_value("sinkstream_dead_letters_total", {"reason": reason}) == (reason == "invalid_json")
     for reason in EVENT_FAILURE_REASONS:
@@ -101,8 +92,10 @@ def test_failure_reason_unknown_counts_as_other():
 
 def test_observe_step_updates_counters_and_histograms():
     metrics = WorkerMetrics(CollectorRegistry())
-    metrics.observe_step(StepStats(3, 5, 100, 3, 7, 0.02, num_slots=10))
-    metrics.observe_step(StepStats(0, 5, 0, 0, 0, 0.0))  # idle step: ignored
+    metrics.observe_step(StepStats(num_streams=3, batch_size=103, tokens_prefilled=100, tokens_generated=3,
+                                   tokens_evicted=7, duration_s=0.02, resident_streams=5, host_streams=2,
+                                   known_streams=7, slots_total=10))
+    metrics.observe_step(StepStats(num_streams=0, slots_total=10))  # idle step: ignored
     r = metrics.registry
     assert r.get_sample_value("sinkstream_tokens_prefilled_total") == 100
     assert r.get_sample_value("sinkstream_tokens_generated_total") == 3
@@ -112,6 +105,19 @@ def test_observe_step_updates_counters_and_histograms():
     assert r.get_sample_value("sinkstream_engine_batch_tokens_sum") == 103
     assert r.get_sample_value("sinkstream_streams_resident") == 5
     assert r.get_sample_value("sinkstream_slot_utilization_ratio") == 0.5
+    assert r.get_sample_value("sinkstream_streams_host") == 2
+    assert r.get_sample_value("sinkstream_streams_known") == 7
+
+
+def test_observe_result_first_token_and_inter_token():
+    metrics = WorkerMetrics(CollectorRegistry())
+    metrics.observe_result(Result("s", "e1", "generate", generated_tokens=5, time_to_first_token_s=0.5, total_s=1.3))
+    metrics.observe_result(Result("s", "e2", "append", total_s=0.1))  # nothing generated: skipped
+    r = metrics.registry
+    assert r.get_sample_value("sinkstream_time_to_first_token_seconds_count") == 1
+    assert r.get_sample_value("sinkstream_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert r.get_sample_value("sinkstream_inter_token_latency_seconds_count") == 1
+    assert r.get_sample_value("sinkstream_inter_token_latency_seconds_sum") == pytest.approx(0.2)
 
 
 def test_event_latency_from_record_timestamp():

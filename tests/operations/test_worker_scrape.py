@@ -233,10 +233,6 @@ def test_worker_snapshots_to_redis(worker_run):
     assert values["sinkstream_snapshot_duration_seconds_count"] >= 1
 
 
-# NOTE: the stage does not set these yet: each stays at 0 in a run with a generated reply
-# and a resident stream.
-@pytest.mark.xfail(reason="the stage does not yet observe time to first token, inter-token latency, "
-                          "slot utilization or known streams", strict=False)
 def test_worker_observes_generation_and_cache_metrics(worker_run):
     values = worker_run.values
     assert values["sinkstream_time_to_first_token_seconds_count"] >= 1

@@ -6,13 +6,8 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from topology import schemas
 from topology.schemas import (
-    DEAD_LETTER_REASONS,
-    HEADER_DLQ_MESSAGE,
-    HEADER_DLQ_OFFSET,
-    HEADER_DLQ_PARTITION,
-    HEADER_DLQ_REASON,
-    HEADER_DLQ_TOPIC,
     Event,
     EventLimits,
     OutputRecord,
@@ -23,8 +18,8 @@ from worker.exceptions import InvalidEventError
 
 __all__ = ["ENGINE_ERROR", "InvalidEventError", "parse_record"]
 
-# Dead-letter reason of an event the engine could not process (for example, the tokenizer failed).
-ENGINE_ERROR = "engine_error"
+# Dead-letter reason of an event the engine could not process (for example, no cache slot).
+ENGINE_ERROR = schemas.ENGINE_ERROR
 
 
 def parse_record(record: ConsumerRecord, limits: EventLimits, raw_action: str) -> Event:
@@ -88,18 +83,6 @@ def output_message(
 
 def dead_letter_message(record: ConsumerRecord, error: InvalidEventError) -> tuple[bytes, list[tuple[str, bytes]]]:
     """Return the value and headers of the dead letter of ``record``: original bytes plus the reason."""
-    if error.reason not in DEAD_LETTER_REASONS:
-        # TODO: build_dead_letter accepts only input-validation reasons; ask topology.schemas to
-        # list engine_error too, then drop this branch.
-        headers = [(name, data or b"") for name, data in record.headers]
-        headers += [
-            (HEADER_DLQ_REASON, error.reason.encode()),
-            (HEADER_DLQ_MESSAGE, str(error).encode("utf-8", "replace")[:1024]),
-            (HEADER_DLQ_TOPIC, record.topic.encode()),
-            (HEADER_DLQ_PARTITION, str(record.partition).encode()),
-            (HEADER_DLQ_OFFSET, str(record.offset).encode()),
-        ]
-        return record.value or b"", headers
     message = build_dead_letter(
         record.key, record.value, record.headers, record.topic, record.partition, record.offset, error,
         timestamp_ms=record.timestamp,

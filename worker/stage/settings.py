@@ -139,7 +139,8 @@ class MetricsSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = Field(9400, ge=0, le=65_535, description="0 disables the server")
     stuck_after_s: float = Field(
-        120.0, gt=0, description="seconds without engine progress, with work queued, before /healthz fails"
+        120.0, gt=0,
+        description="seconds a partition may have lag without progress before it counts as stuck and /readyz fails",
     )
 
 

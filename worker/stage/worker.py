@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 RESEND_DELAY_S = 1.0  # wait before producing an output again after the producer gave up
 WARN_INTERVAL_S = 10.0  # at most one dead-letter warning per reason in this many seconds
+LAG_INTERVAL_S = 5.0  # seconds between two end-offset requests for the consumer lag
 ACK_WAIT_S = 30.0  # maximum seconds a checkpoint waits for the outputs it covers to be acknowledged
 
 
@@ -139,6 +140,8 @@ class StageWorker:
         self._last_warning: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._fatal: BaseException | None = None
+        self._last_lag_update = -LAG_INTERVAL_S
+        self._lag_task: asyncio.Task | None = None
         self.stats = WorkerStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -353,6 +356,8 @@ class StageWorker:
         if state is not None and state.generation == pending.generation:
             state.changed_streams[pending.stream_id] = pending.offset
         self.stats.record_result(pending, result)
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
         now = time.monotonic()
         value, headers = messages.output_message(
             pending.event, result, self._stage.worker_id, self.model_fingerprint,
@@ -681,13 +686,41 @@ class StageWorker:
         return sum(state.tracker.num_not_done for state in self._partitions.values())
 
     def _update_health(self) -> None:
-        if self.health is None:
+        """Start a consumer lag update every ``LAG_INTERVAL_S`` seconds.
+
+        The lag comes from the broker's end offsets rather than ``consumer.highwater()``,
+        which changes only with fetch responses and so stays stale on a consumer that
+        stopped fetching.
+        """
+        if self.health is None and self.metrics is None:
             return
-        for state in self._partitions.values():
-            highwater = self.consumer.highwater(state.tp)
+        now = time.monotonic()
+        if now - self._last_lag_update < LAG_INTERVAL_S or (self._lag_task is not None and not self._lag_task.done()):
+            return
+        self._last_lag_update = now
+        self._lag_task = asyncio.get_running_loop().create_task(self._update_lag())
+
+    async def _update_lag(self) -> None:
+        tps = list(self._partitions)
+        if not tps:
+            return
+        try:
+            end_offsets = await self.consumer.end_offsets(tps)
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            logger.warning("reading end offsets of %d partitions failed: %s; consumer lag not updated", len(tps), exc)
+            return
+        for tp, end_offset in end_offsets.items():
+            state = self._partitions.get(tp)
+            if state is None:
+                continue
             position = state.tracker.committable_offset()
-            if highwater is not None and position is not None:
-                self.health.update_partition(state.tp, position, max(0, highwater - position))
+            if position is None:
+                position = state.tracker.committed if state.tracker.committed is not None else 0
+            lag = max(0, end_offset - position)
+            if self.health is not None:
+                self.health.update_partition(tp, position, lag)
+            if self.metrics is not None:
+                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     async def _wait_progress(self, timeout_s: float) -> None:
         self._progress.clear()
