@@ -27,6 +27,10 @@ RawAction = Literal["append", "generate"]
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_IDEMPOTENCY_KEY = "idempotency-key"
 HEADER_SCHEMA = "x-sinkstream-schema"
+# Output headers that differ between two copies of one output (timings, producing worker),
+# kept out of the value so that a duplicate's value is byte-identical to the first copy.
+HEADER_TIMINGS = "x-sinkstream-timings"
+HEADER_WORKER_ID = "x-sinkstream-worker-id"
 HEADER_DLQ_REASON = "x-sinkstream-dlq-reason"
 HEADER_DLQ_MESSAGE = "x-sinkstream-dlq-message"
 HEADER_DLQ_TOPIC = "x-sinkstream-source-topic"
@@ -663,13 +667,15 @@ class OutputRecord:
     generated_tokens: int
     cached_tokens: int
     evicted_tokens: int  # stream total so far
-    queued_s: float
-    time_to_first_token_s: float | None
-    total_s: float
-    worker_id: str
     model_fingerprint: str
     action: str = "generate"
     schema_version: int = SCHEMA_VERSION
+    # Delivery metadata, carried in headers and left out of equality: two copies of one
+    # output differ here and nowhere else.
+    queued_s: float = field(default=0.0, compare=False)
+    time_to_first_token_s: float | None = field(default=None, compare=False)
+    total_s: float = field(default=0.0, compare=False)
+    worker_id: str = field(default="", compare=False)
 
     @classmethod
     def for_event(cls, event: Event, **fields: Any) -> OutputRecord:
@@ -689,6 +695,7 @@ class OutputRecord:
         return idempotency_key(self.stream_id, self.topic, self.partition, self.offset)
 
     def to_json(self) -> dict[str, Any]:
+        """Return the value's fields; timings and the worker id go in headers (see ``to_message``)."""
         return {
             "schema": self.schema_version,
             "stream_id": self.stream_id,
@@ -704,17 +711,24 @@ class OutputRecord:
                 "cached": self.cached_tokens,
                 "evicted": self.evicted_tokens,
             },
-            "timings": {
-                "queued_s": self.queued_s,
-                "time_to_first_token_s": self.time_to_first_token_s,
-                "total_s": self.total_s,
-            },
-            "worker_id": self.worker_id,
             "model_fingerprint": self.model_fingerprint,
         }
 
+    def timings(self) -> dict[str, float | None]:
+        return {
+            "queued_s": self.queued_s,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "total_s": self.total_s,
+        }
+
     def to_message(self) -> KafkaMessage:
-        """Return the output record, keyed by stream id, with the idempotency key as a header."""
+        """Return the output record, keyed by stream id, with the idempotency key as a header.
+
+        The value depends only on the event and the model's output, so a duplicate (the same
+        idempotency key, produced again after a crash) has a byte-identical value. Timings
+        (compact JSON) and the worker id travel in headers.
+        """
+        timings = json.dumps(self.timings(), separators=(",", ":"))
         return KafkaMessage(
             key=self.stream_id.encode("utf-8"),
             value=_dump_json(self.to_json()),
@@ -722,15 +736,27 @@ class OutputRecord:
                 (HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode()),
                 (HEADER_IDEMPOTENCY_KEY, self.idempotency_key.encode("utf-8")),
                 (HEADER_SCHEMA, str(self.schema_version).encode()),
+                (HEADER_TIMINGS, timings.encode()),
+                (HEADER_WORKER_ID, self.worker_id.encode("utf-8")),
             ),
         )
 
     @classmethod
-    def from_json(cls, value: bytes | str) -> OutputRecord:
-        """Read an output record's value back; raises ``ValueError`` when it is not one."""
+    def from_json(cls, value: bytes | str, headers: Headers = None) -> OutputRecord:
+        """Read an output record back from its value and, for timings and worker id, its headers.
+
+        Raises ``ValueError`` when the value is not an output record. Without headers the
+        timings are zero and the worker id is empty.
+        """
         data = json.loads(value)
+        header_map = {name.lower(): raw for name, raw in _header_tuple(headers)}
         try:
-            source, tokens, timings = data["source"], data["tokens"], data["timings"]
+            timings = json.loads(header_map[HEADER_TIMINGS]) if header_map.get(HEADER_TIMINGS) else {}
+            worker_id = (header_map.get(HEADER_WORKER_ID) or b"").decode("utf-8", errors="replace")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"invalid {HEADER_TIMINGS} header: {exc}; expected compact JSON") from exc
+        try:
+            source, tokens = data["source"], data["tokens"]
             return cls(
                 stream_id=data["stream_id"],
                 event_id=data["event_id"],
@@ -743,10 +769,10 @@ class OutputRecord:
                 generated_tokens=tokens["generated"],
                 cached_tokens=tokens["cached"],
                 evicted_tokens=tokens["evicted"],
-                queued_s=timings["queued_s"],
-                time_to_first_token_s=timings["time_to_first_token_s"],
-                total_s=timings["total_s"],
-                worker_id=data["worker_id"],
+                queued_s=timings.get("queued_s", 0.0),
+                time_to_first_token_s=timings.get("time_to_first_token_s"),
+                total_s=timings.get("total_s", 0.0),
+                worker_id=worker_id,
                 model_fingerprint=data["model_fingerprint"],
                 action=data.get("action", "generate"),
                 schema_version=data["schema"],

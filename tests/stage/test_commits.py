@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from tests.stage.conftest import committed_offsets, consume, output_json, produce, running_worker, settings_env
+from topology.schemas import HEADER_WORKER_ID
 
 SLOW_TOKENS = 400  # about 5-10 s of decoding with the tiny model on two cores
 
@@ -50,7 +51,7 @@ async def test_commit_slow_head_kill9_reprocessed(broker, stage_topics, make_set
     async with running_worker(settings, make_engine()):
         outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(outputs_before) + 11,
                                 timeout_s=180)
-    second = [output_json(r) for r in outputs if output_json(r)["worker_id"] == "second"]
+    second = [output_json(r) for r in outputs if dict(r.headers)[HEADER_WORKER_ID] == b"second"]
     assert [body["source"]["offset"] for body in second if body["stream_id"] == "slow"] == [0]
     assert second[[b["stream_id"] for b in second].index("slow")]["tokens"]["generated"] == SLOW_TOKENS
     # The later events were not committed either, so they ran again too (at-least-once).

@@ -63,13 +63,16 @@ async def test_rebalance_second_worker_joins_no_loss(broker, redis_server, stage
     assert worker_a.stats.outputs > 0
 
     by_key: dict[str, list] = defaultdict(list)
+    values_by_key: dict[str, set[bytes]] = defaultdict(set)
     for record in outputs:
         body = output_json(record)
         assert dict(record.headers)[HEADER_IDEMPOTENCY_KEY] == body["idempotency_key"].encode()
         by_key[body["idempotency_key"]].append(body)
+        values_by_key[body["idempotency_key"]].add(record.value)
     assert len(by_key) == len(records), "events without an output"
     for key, bodies in by_key.items():
         assert len({body["text"] for body in bodies}) == 1, f"duplicates of {key} differ"
+        assert len(values_by_key[key]) == 1, f"duplicates of {key} are not byte-identical"
         assert len({(body["stream_id"], body["source"]["offset"]) for body in bodies}) == 1
 
     # Each stream's texts equal those of one engine that saw all its events in order.

@@ -330,14 +330,27 @@ def test_output_record_message_fields():
     assert data["text"] == "world"
     assert data["finish_reason"] == "eos"
     assert data["tokens"] == {"prompt": 5, "generated": 2, "cached": 40, "evicted": 3}
-    assert data["timings"] == {"queued_s": 0.01, "time_to_first_token_s": 0.2, "total_s": 0.5}
-    assert data["worker_id"] == "w-1"
+    assert "timings" not in data
+    assert "worker_id" not in data
     assert data["model_fingerprint"] == "abc123"
+    assert message.header("x-sinkstream-timings") == b'{"queued_s":0.01,"time_to_first_token_s":0.2,"total_s":0.5}'
+    assert message.header("x-sinkstream-worker-id") == b"w-1"
+
+
+def test_output_record_value_same_across_workers():
+    first = make_output().to_message()
+    second = make_output(queued_s=3.0, time_to_first_token_s=1.5, total_s=9.0, worker_id="w-2").to_message()
+    assert first.value == second.value
+    assert first.header("x-sinkstream-worker-id") != second.header("x-sinkstream-worker-id")
 
 
 def test_output_record_from_json_round_trips():
     output = make_output(time_to_first_token_s=None, finish_reason=None, action="append")
-    assert OutputRecord.from_json(output.to_message().value) == output
+    message = output.to_message()
+    restored = OutputRecord.from_json(message.value, message.headers)
+    assert restored == output
+    assert restored.timings() == output.timings()
+    assert restored.worker_id == output.worker_id
 
 
 def test_output_record_from_json_rejects_other_json():

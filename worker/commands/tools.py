@@ -286,7 +286,7 @@ def format_record(record: Any, json_lines: bool = False) -> str:
     except ValueError:
         dead_letter = None
     try:
-        output = OutputRecord.from_json(record.value) if dead_letter is None else None
+        output = OutputRecord.from_json(record.value, record.headers) if dead_letter is None else None
     except ValueError:
         output = None
     value_text = (record.value or b"").decode("utf-8", errors="replace")
@@ -295,6 +295,8 @@ def format_record(record: Any, json_lines: bool = False) -> str:
         line: dict[str, Any] = {"topic": record.topic, "partition": record.partition, "offset": record.offset, "key": key}
         if output is not None:
             line["output"] = json.loads(record.value)
+            line["timings"] = output.timings()  # from the x-sinkstream-timings header
+            line["worker_id"] = output.worker_id  # from the x-sinkstream-worker-id header
         else:
             line["value"] = value_text
         if dead_letter is not None:
