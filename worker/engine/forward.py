@@ -94,14 +94,14 @@ class RotaryTable:
         return (cos, -sin) if shift > 0 else (cos, sin)
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``[..., n, head_dim]`` by angles ``cos``, ``sin`` ``[n or 1, head_dim]``."""
+        """Rotate ``x`` ``[..., head_dim]`` by angles ``cos``, ``sin`` that broadcast against it."""
         half = self.half
-        out = torch.empty_like(x)
+        out = x.new_empty(torch.broadcast_shapes(x.shape, cos.shape))
         x1, x2 = x[..., :half], x[..., half:]
-        torch.mul(x1, cos[:, :half], out=out[..., :half])
-        out[..., :half].addcmul_(x2, sin[:, :half], value=-1)
-        torch.mul(x2, cos[:, half:], out=out[..., half:])
-        out[..., half:].addcmul_(x1, sin[:, half:])
+        torch.mul(x1, cos[..., :half], out=out[..., :half])
+        out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
+        torch.mul(x2, cos[..., half:], out=out[..., half:])
+        out[..., half:].addcmul_(x1, sin[..., half:])
         return out
 
 
@@ -146,12 +146,13 @@ class BatchedForward:
             bounds.append((start, start + len(item.token_ids)))
             start += len(item.token_ids)
         prepared = [self._prepare(item) for item in items]
+        decode = self._prepare_decode(items, bounds, prepared)
 
         hidden = self.decoder.embed_tokens(token_ids)  # [num_tokens, hidden]
         for layer_index, layer in enumerate(self.layers):
             residual = hidden
             normed = layer.input_layernorm(hidden)
-            attention = self._attention(layer_index, layer.self_attn, normed, items, bounds, prepared)
+            attention = self._attention(layer_index, layer.self_attn, normed, items, bounds, prepared, decode)
             hidden = residual + attention
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -211,43 +212,127 @@ class BatchedForward:
             k = attn.k_norm(k)
         return q, k, v
 
-    def _attention(self, layer_index, attn, normed, items, bounds, prepared) -> torch.Tensor:
+    def _prepare_decode(self, items, bounds, prepared) -> dict | None:
+        """Plan one batched attention for all items that decode a single token.
+
+        Their slots are read as one range ``[lo, hi)`` of the pool, so the cache is read
+        once per layer by one batched matmul. Each stream has up to three runs of slots
+        with different shifts (``key_segments``); the query is rotated for each of three
+        variants, and every key takes the score of its run's variant.
+        """
+        decode = [index for index, item in enumerate(items) if len(item.token_ids) == 1]
+        if not decode:
+            return None
+        device = self.loaded.device
+        slots = [items[index].slot for index in decode]
+        lo, hi = min(slots), max(slots) + 1
+        used = max(len(items[index].key_positions) for index in decode)
+        variant_index = torch.zeros((hi - lo, used), dtype=torch.long, device=device)
+        invalid = torch.ones((hi - lo, used), dtype=torch.bool, device=device)
+        identity_cos, identity_sin = self.rotary.shift_angles(0)
+        variant_cos = identity_cos.repeat(len(decode), 3, 1)  # [decode, 3, head_dim]
+        variant_sin = identity_sin.repeat(len(decode), 3, 1)
+        for row, index in enumerate(decode):
+            item = items[index]
+            local = item.slot - lo
+            invalid[local, :len(item.key_positions)] = False
+            segments = prepared[index]["segments"]
+            assert len(segments) <= 3, f"a slot has {len(segments)} runs of shifts; the layout allows 3"
+            for variant, (start, end, shift, _angles) in enumerate(segments):
+                variant_index[local, start:end] = variant
+                variant_cos[row, variant], variant_sin[row, variant] = self.rotary.shift_angles(shift)
+        write_slots = torch.tensor([items[index].write_slots[0] for index in decode], device=device)
+        positions = torch.tensor([items[index].start_position for index in decode], device=device)
+        write_cos, write_sin = self.rotary.angles(write_slots)
+        query_cos, query_sin = self.rotary.angles(positions)
+        return {
+            "items": set(decode),
+            "rows": torch.tensor([bounds[index][0] for index in decode], device=device),
+            "slots": torch.tensor(slots, device=device),
+            "local": torch.tensor(slots, device=device) - lo,
+            "lo": lo,
+            "hi": hi,
+            "used": used,
+            "write_slots": write_slots,
+            "write_angles": (write_cos.unsqueeze(1), write_sin.unsqueeze(1)),  # [decode, 1, head_dim]
+            "query_angles": (query_cos.unsqueeze(1), query_sin.unsqueeze(1)),
+            "variant_angles": (variant_cos.unsqueeze(2), variant_sin.unsqueeze(2)),  # [decode, 3, 1, head_dim]
+            "variant_index": variant_index.view(hi - lo, 1, 1, 1, used),
+            "invalid": invalid.view(hi - lo, 1, 1, used),
+        }
+
+    def _attention(self, layer_index, attn, normed, items, bounds, prepared, decode) -> torch.Tensor:
         spec = self.spec
         q, k, v = self._project(attn, normed)
         scale = getattr(attn, "scaling", spec.head_dim ** -0.5)
-        outputs = []
-        for item, (first, last), prep in zip(items, bounds, prepared):
-            num_new = last - first
-            slot_keys = self.pool.keys[layer_index, item.slot]  # [kv_heads, capacity, head_dim]
-            slot_values = self.pool.values[layer_index, item.slot]
-            # New keys are rotated once, by their physical index, and never rewritten.
-            new_keys = self.rotary.rotate(k[first:last].transpose(0, 1), *prep["write_angles"])
-            new_values = v[first:last].transpose(0, 1)  # [kv_heads, num_new, head_dim]
-            if prep["write_range"] is not None:
-                lo, hi = prep["write_range"]
-                slot_keys[:, lo:hi].copy_(new_keys)
-                slot_values[:, lo:hi].copy_(new_values)
-            else:
-                slot_keys.index_copy_(1, prep["write_index"], new_keys)
-                slot_values.index_copy_(1, prep["write_index"], new_values)
+        out = torch.empty((normed.shape[0], spec.num_heads * spec.head_dim), dtype=q.dtype, device=q.device)
+        for index, (item, (first, last), prep) in enumerate(zip(items, bounds, prepared)):
+            if decode is not None and index in decode["items"]:
+                continue
+            out[first:last] = self._item_attention(layer_index, item, prep, q[first:last], k[first:last],
+                                                   v[first:last], scale)
+        if decode is not None:
+            out[decode["rows"]] = self._decode_attention(layer_index, decode, q, k, v, scale)
+        return attn.o_proj(out)
 
-            query = self.rotary.rotate(q[first:last].transpose(0, 1), *prep["query_angles"])  # [heads, new, dim]
-            # Grouped-query attention without copying K/V: the query heads that share a KV head
-            # become extra query rows of that head.
-            query = query.reshape(spec.num_kv_heads, self.group_size * num_new, spec.head_dim)
-            scores = []
-            for start, end, shift, angles in prep["segments"]:
-                # A key stored at physical index p sits at position p + shift. Rotating the query
-                # back by shift gives the same score as rotating the key forward to its position.
-                shifted = query if angles is None else self.rotary.rotate(query, *angles)
-                scores.append(torch.matmul(shifted, slot_keys[:, start:end].transpose(1, 2)))
-            scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, rows, used]
-            scores = scores.float() * scale
-            if prep["mask"] is not None:
-                scores.masked_fill_(~prep["mask"], float("-inf"))
-            weights = torch.softmax(scores, dim=-1).to(slot_values.dtype)
-            used = weights.shape[-1]
-            out = torch.matmul(weights, slot_values[:, :used])  # [kv_heads, group * num_new, head_dim]
-            out = out.reshape(spec.num_heads, num_new, spec.head_dim).transpose(0, 1)
-            outputs.append(out.reshape(num_new, spec.num_heads * spec.head_dim))
-        return attn.o_proj(torch.cat(outputs))
+    def _decode_attention(self, layer_index, decode, q, k, v, scale) -> torch.Tensor:
+        spec, group = self.spec, self.group_size
+        keys, values = self.pool.keys[layer_index], self.pool.values[layer_index]
+        rows = decode["rows"]
+        # New keys are rotated once, by their physical index, and never rewritten.
+        keys[decode["slots"], :, decode["write_slots"]] = self.rotary.rotate(k[rows], *decode["write_angles"])
+        values[decode["slots"], :, decode["write_slots"]] = v[rows]
+
+        query = self.rotary.rotate(q[rows], *decode["query_angles"])  # [decode, heads, head_dim]
+        variants = self.rotary.rotate(query.unsqueeze(1), *decode["variant_angles"])  # [decode, 3, heads, dim]
+        num_decode, lo, hi, used = len(rows), decode["lo"], decode["hi"], decode["used"]
+        variants = variants.view(num_decode, 3, spec.num_kv_heads, group, spec.head_dim)
+        variants = variants.permute(0, 2, 1, 3, 4).reshape(num_decode, spec.num_kv_heads, 3 * group, spec.head_dim)
+        queries = torch.zeros((hi - lo, spec.num_kv_heads, 3 * group, spec.head_dim), dtype=q.dtype, device=q.device)
+        queries[decode["local"]] = variants
+
+        # One matmul reads every decoding slot's keys once: [slots, kv_heads, 3 * group, used].
+        scores = torch.matmul(queries, keys[lo:hi, :, :used].transpose(-1, -2))
+        scores = scores.view(hi - lo, spec.num_kv_heads, 3, group, used)
+        index = decode["variant_index"].expand(hi - lo, spec.num_kv_heads, 1, group, used)
+        scores = scores.gather(2, index).squeeze(2).float() * scale  # [slots, kv_heads, group, used]
+        scores.masked_fill_(decode["invalid"], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(weights, values[lo:hi, :, :used])  # [slots, kv_heads, group, head_dim]
+        return out[decode["local"]].reshape(num_decode, spec.num_heads * spec.head_dim)
+
+    def _item_attention(self, layer_index, item, prep, q, k, v, scale) -> torch.Tensor:
+        """Attention of one item's new tokens ``q``, ``k``, ``v`` ``[num_new, heads, head_dim]``."""
+        spec = self.spec
+        num_new = q.shape[0]
+        slot_keys = self.pool.keys[layer_index, item.slot]  # [kv_heads, capacity, head_dim]
+        slot_values = self.pool.values[layer_index, item.slot]
+        new_keys = self.rotary.rotate(k.transpose(0, 1), *prep["write_angles"])
+        new_values = v.transpose(0, 1)  # [kv_heads, num_new, head_dim]
+        if prep["write_range"] is not None:
+            lo, hi = prep["write_range"]
+            slot_keys[:, lo:hi].copy_(new_keys)
+            slot_values[:, lo:hi].copy_(new_values)
+        else:
+            slot_keys.index_copy_(1, prep["write_index"], new_keys)
+            slot_values.index_copy_(1, prep["write_index"], new_values)
+
+        query = self.rotary.rotate(q.transpose(0, 1), *prep["query_angles"])  # [heads, new, dim]
+        # Grouped-query attention without copying K/V: the query heads that share a KV head
+        # become extra query rows of that head.
+        query = query.reshape(spec.num_kv_heads, self.group_size * num_new, spec.head_dim)
+        scores = []
+        for start, end, shift, angles in prep["segments"]:
+            # A key stored at physical index p sits at position p + shift. Rotating the query
+            # back by shift gives the same score as rotating the key forward to its position.
+            shifted = query if angles is None else self.rotary.rotate(query, *angles)
+            scores.append(torch.matmul(shifted, slot_keys[:, start:end].transpose(1, 2)))
+        scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)  # [kv_heads, rows, used]
+        scores = scores.float() * scale
+        if prep["mask"] is not None:
+            scores.masked_fill_(~prep["mask"], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(slot_values.dtype)
+        used = weights.shape[-1]
+        out = torch.matmul(weights, slot_values[:, :used])  # [kv_heads, group * num_new, head_dim]
+        out = out.reshape(spec.num_heads, num_new, spec.head_dim).transpose(0, 1)
+        return out.reshape(num_new, spec.num_heads * spec.head_dim)
