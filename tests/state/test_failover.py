@@ -219,9 +219,15 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path, record
         process.close()
 
 
+# Each scenario takes minutes on two cores, so the default run keeps kill -9 inside a
+# forward (mid-run) and the SIGTERM hand-over; `make test-all` runs the others too.
 @pytest.mark.parametrize(
     "point, after",
-    [("forward", "12"), ("checkpoint", "2"), ("snapshot_write", "6")],
+    [
+        ("forward", "12"),
+        pytest.param("checkpoint", "2", marks=pytest.mark.slow),
+        pytest.param("snapshot_write", "6", marks=pytest.mark.slow),
+    ],
 )
 async def test_failover_kill9_outputs_match_clean_run(failover_run, point, after):
     num_duplicates, first, second = await failover_run(
@@ -237,6 +243,7 @@ async def test_failover_sigterm_no_duplicates(failover_run):
     assert "restored stream" in second.log_path.read_text(errors="replace")
 
 
+@pytest.mark.slow
 async def test_failover_scale_out_no_duplicates(failover_run):
     num_duplicates, first, second = await failover_run("scale_out")
     assert num_duplicates == 0
