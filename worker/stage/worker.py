@@ -125,7 +125,7 @@ class StageWorker:
             max_in_flight=settings.stage.queue_max_events
         )
         self._in_engine: dict[str, PendingEvent] = {}  # request id -> event inside the engine
-        # Redis tier (snapshots enabled): streams the engine holds or is about to hold, streams
+        # Redis tier (snapshots enabled): streams in the engine or about to enter it, streams
         # held back until the engine has room for them, and streams dropped after a checkpoint.
         self._engine_streams: set[str] = set()
         self._waiting_room: OrderedDict[str, PartitionState] = OrderedDict()
@@ -278,7 +278,7 @@ class StageWorker:
         self._dispatcher.admit(pending)
 
     def _admit_waiting(self) -> None:
-        """Restore waiting streams into the engine while it holds fewer than its capacity."""
+        """Restore waiting streams into the engine while it has fewer streams than its capacity."""
         while self._waiting_room and len(self._engine_streams) < self._engine_capacity:
             stream_id, state = self._waiting_room.popitem(last=False)
             self._engine_streams.add(stream_id)
@@ -541,9 +541,9 @@ class StageWorker:
         """Steps 1 and 2: quiesce the changed streams, wait for their outputs, snapshot them.
 
         A snapshot covers every event of its stream up to the stream's last applied
-        offset, and a new owner skips those events after a restore, so each of their
-        outputs (or dead letters) must be acknowledged before the snapshot is written;
-        otherwise a kill -9 would lose the output still in flight. Returns False (commit
+        offset, and a new owner skips those events after a restore. So each of their
+        outputs (or dead letters) must be acknowledged before the snapshot is written,
+        or a kill -9 would lose an output still in flight. Returns False (commit
         nothing) when the outputs are not acknowledged within ``ACK_WAIT_S``.
         """
         stream_ids = list(state.changed_streams)
