@@ -217,6 +217,8 @@ class StageWorker:
                 logger.warning("stopping the consumer failed: %s", exc)
         for task in list(self._tasks):
             task.cancel()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self.producer is not None:
             try:
                 await self.producer.stop()
@@ -706,8 +708,11 @@ class StageWorker:
             return
         try:
             end_offsets = await self.consumer.end_offsets(tps)
-        except (KafkaError, asyncio.TimeoutError) as exc:
-            logger.warning("reading end offsets of %d partitions failed: %s; consumer lag not updated", len(tps), exc)
+        except Exception as exc:  # a metric must never stop the worker
+            logger.warning(
+                "reading the end offsets of %d partitions failed: %s; consumer lag not updated, retrying in %.0f s",
+                len(tps), exc, LAG_INTERVAL_S,
+            )
             return
         for tp, end_offset in end_offsets.items():
             state = self._partitions.get(tp)
