@@ -69,3 +69,10 @@ def test_engine_pool_too_large_rejected(tiny_loaded):
     config = EngineConfig(sink_tokens=4, window_tokens=1000, max_resident_streams=10**7, prefill_chunk_tokens=64)
     with pytest.raises(CapacityError, match="lower max_resident_streams"):
         StreamEngine(tiny_loaded, config)
+
+
+def test_engine_cache_beyond_sliding_window_rejected(tokenizer):
+    loaded = load_from_model(tiny_model("mistral", sliding_window=32), tokenizer)
+    StreamEngine(loaded, EngineConfig(sink_tokens=4, window_tokens=28, prefill_chunk_tokens=8))
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention of 32 tokens"):
+        StreamEngine(loaded, EngineConfig(sink_tokens=4, window_tokens=60, prefill_chunk_tokens=8))

@@ -20,7 +20,7 @@ import torch
 from worker.engine.config import EngineConfig
 from worker.engine.forward import BatchedForward, CachePool, ForwardItem
 from worker.engine.layout import StreamLayout, max_chunk, plan_append, slot_positions
-from worker.engine.models import LoadedModel
+from worker.engine.models import LoadedModel, check_architecture
 from worker.engine.planner import Candidate, plan_step
 from worker.engine.sampling import GenerationParams, Sampler
 from worker.exceptions import CapacityError, ConfigError, SinkstreamError
@@ -172,6 +172,7 @@ class StreamEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
         config.check_model(loaded.spec.max_positions)
+        check_architecture(loaded.model.config, config.capacity)
         if str(loaded.dtype).removeprefix("torch.") != config.dtype:
             raise ConfigError(
                 f"engine dtype {config.dtype} differs from the loaded model's {loaded.dtype}; "
