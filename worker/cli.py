@@ -65,6 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (OSError, UnicodeDecodeError) as exc:
+        logging.getLogger("sinkstream").debug("command failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__module__.startswith(("aiokafka", "kafka", "redis")):
+            logging.getLogger("sinkstream").debug("command failed", exc_info=True)
+            print(f"error: {type(exc).__name__}: {exc}; check the broker and Redis addresses "
+                  f"(--bootstrap-servers, SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS, SINKSTREAM_REDIS__URL)",
+                  file=sys.stderr)
+            return 2
+        raise
     return int(result or 0)
 
 

@@ -128,3 +128,42 @@ def test_generation_large_counters_same_logits(tiny_loaded):
 def test_generation_invalid_params_rejected(settings, fragment):
     with pytest.raises(ConfigError, match=fragment):
         GenerationParams(**settings)
+
+
+def test_generation_request_after_end_starts_fresh_stream(tiny_loaded):
+    engine = make_engine(tiny_loaded)
+    engine.submit(Request("s", "a1", token_ids=random_tokens(9, seed=6)))
+    engine.submit(Request("s", "end", action="end"))
+    engine.submit(Request("s", "g1", token_ids=random_tokens(5, seed=7), generate=GenerationParams(max_new_tokens=3)))
+    engine.submit(Request("s", "g2", generate=GenerationParams(max_new_tokens=3)))
+    results = {r.event_id: r for r in engine.run_until_idle()}
+    assert sorted(results) == ["a1", "end", "g1", "g2"]
+    assert results["g1"].generated_tokens == 3
+    assert results["g2"].generated_tokens == 3
+    # g1 ran on an empty cache: its prompt and reply are all the stream holds.
+    assert engine.streams["s"].tokens_seen == 5 + 3 + 3 - 1
+
+
+def test_generation_drop_during_generation_reports_error(tiny_loaded):
+    engine = make_engine(tiny_loaded)
+    engine.submit(Request("s", "g", token_ids=random_tokens(5), generate=GenerationParams(max_new_tokens=10)))
+    engine.submit(Request("s", "queued", token_ids=random_tokens(3)))
+    engine.step()
+    engine.drop_stream("s")
+    assert engine.has_work()
+    results = {r.event_id: r for r in engine.run_until_idle()}
+    assert sorted(results) == ["g", "queued"]
+    assert "dropped" in results["g"].error
+    assert "dropped" in results["queued"].error
+
+
+def test_generation_reset_during_generation_rejected(tiny_loaded):
+    from worker.engine import StreamBusyError
+
+    engine = make_engine(tiny_loaded)
+    engine.submit(Request("s", "g", token_ids=random_tokens(5), generate=GenerationParams(max_new_tokens=10)))
+    engine.step()
+    with pytest.raises(StreamBusyError, match="submit a reset action instead"):
+        engine.reset_stream("s")
+    (result,) = engine.run_until_idle()
+    assert result.generated_tokens == 10

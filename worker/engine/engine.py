@@ -197,6 +197,7 @@ class StreamEngine:
         self.resident_lru: OrderedDict[str, None] = OrderedDict()
         self.host_lru: OrderedDict[str, None] = OrderedDict()
         self._sequence = itertools.count()
+        self._abandoned: list[Result] = []
         self._order: dict[int, int] = {}
         self.last_step_stats = StepStats(slots_total=config.max_resident_streams)
         logger.info(
@@ -217,7 +218,7 @@ class StreamEngine:
         stream.queue.append(request)
 
     def has_work(self) -> bool:
-        return any(stream.active or stream.queue for stream in self.streams.values())
+        return bool(self._abandoned) or any(stream.active or stream.queue for stream in self.streams.values())
 
     def run_until_idle(self) -> list[Result]:
         results = []
@@ -259,14 +260,26 @@ class StreamEngine:
     def reset_stream(self, stream_id: str) -> None:
         """Empty a stream's cache now (the ``reset`` action does the same in request order)."""
         stream = self.streams.get(stream_id)
-        if stream is not None:
-            self._reset(stream)
+        if stream is None:
+            return
+        if stream.active is not None:
+            raise StreamBusyError(f"stream {stream_id!r} has a request in progress; submit a reset action instead")
+        self._reset(stream)
 
     def drop_stream(self, stream_id: str) -> None:
-        """Forget a stream and free its slot; queued requests are discarded."""
+        """Forget a stream and free its slot.
+
+        A request in progress and queued requests of the stream are abandoned: the next
+        ``step`` returns each of them as a ``Result`` with ``error`` set, so every submitted
+        request still gets exactly one result.
+        """
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return
+        abandoned = ([stream.active.request] if stream.active is not None else []) + list(stream.queue)
+        for request in abandoned:
+            self._abandoned.append(self._result(stream, request, request.submitted_at,
+                                                error="the stream was dropped before this request finished"))
         if stream.slot is not None:
             self.free_slots.append(stream.slot)
             self.resident_lru.pop(stream_id, None)
@@ -488,11 +501,14 @@ class StreamEngine:
         return results
 
     def _start_requests(self) -> list[Result]:
-        results = []
-        for stream in list(self.streams.values()):
-            while stream.active is None and stream.queue:
-                request = stream.queue.popleft()
-                result = self._start(stream, request)
+        results, self._abandoned = self._abandoned, []
+        for stream_id in list(self.streams):
+            while True:
+                # Looked up each time: an ``end`` replaces the stream's entry.
+                stream = self.streams.get(stream_id)
+                if stream is None or stream.active is not None or not stream.queue:
+                    break
+                result = self._start(stream, stream.queue.popleft())
                 if result is not None:
                     results.append(result)
         return results
@@ -504,7 +520,13 @@ class StreamEngine:
             return self._result(stream, request, now, action="reset")
         if request.action == "end":
             result = self._result(stream, request, now, action="end")
+            later = list(stream.queue)
+            stream.queue.clear()
             self.drop_stream(stream.stream_id)
+            if later:  # requests after an end start the stream afresh
+                fresh = _Stream(stream.stream_id, stream.layout.reset())
+                fresh.queue.extend(later)
+                self.streams[stream.stream_id] = fresh
             return result
         try:
             new_tokens = self._encode(stream, request)
