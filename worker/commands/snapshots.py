@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from typing import Any
 
@@ -14,10 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Inspect the per-stream cache snapshots that workers store in Redis.",
     )
     parser.add_argument(
-        "--redis-url", default=None, help="Redis URL (default: $SINKSTREAM_STATE_REDIS_URL or redis://127.0.0.1:6379/0)"
+        "--redis-url", default=None,
+        help="Redis URL (default: $SINKSTREAM_REDIS__URL, the worker's setting, else redis://127.0.0.1:6379/0)"
     )
     parser.add_argument(
-        "--key-prefix", default=None, help="key namespace of the workers (default: $SINKSTREAM_STATE_KEY_PREFIX or sinkstream)"
+        "--key-prefix", default=None,
+        help="key namespace of the workers (default: $SINKSTREAM_REDIS__KEY_PREFIX, the worker's setting, else sinkstream)"
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -44,12 +47,21 @@ async def _run(args: argparse.Namespace) -> int:
     from worker.state.config import StateConfig
     from worker.state.store import SnapshotStore
 
+    import os
+
     overrides: dict[str, Any] = {}
-    if args.redis_url:
-        overrides["redis_url"] = args.redis_url
-    if args.key_prefix:
-        overrides["key_prefix"] = args.key_prefix
-    store = SnapshotStore(StateConfig(**overrides))
+    redis_url = args.redis_url or os.environ.get("SINKSTREAM_REDIS__URL")
+    key_prefix = args.key_prefix or os.environ.get("SINKSTREAM_REDIS__KEY_PREFIX")
+    if redis_url:
+        overrides["redis_url"] = redis_url
+    if key_prefix:
+        # The worker strips a trailing ':' from redis.key_prefix; match its key names.
+        overrides["key_prefix"] = key_prefix.rstrip(":") or "sinkstream"
+    try:
+        store = SnapshotStore(StateConfig(**overrides))
+    except ValueError as exc:
+        print(f"error: invalid Redis settings ({redis_url or 'default URL'}): {exc}", file=sys.stderr)
+        return 2
     try:
         if args.action == "ls":
             return await _list(store, args.limit)
