@@ -221,6 +221,8 @@ def failover_run(broker, redis_server, new_topics, make_engine, tmp_path, record
 
 # Each scenario takes minutes on two cores, so the default run keeps kill -9 inside a
 # forward (mid-run) and the SIGTERM hand-over; `make test-all` runs the others too.
+# NOTE: on a heavily loaded machine the 12th forward can come before the first checkpoint;
+# the survivor then has nothing to restore and the last assert fails (seen once in three runs).
 @pytest.mark.parametrize(
     "point, after",
     [
