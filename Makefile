@@ -29,10 +29,10 @@ demo: model
 	$(BIN)/sinkstream demo
 
 test: model tools
-	$(BIN)/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest
 
 test-all: model tools
-	$(BIN)/python -m pytest -m "slow or not slow"
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -m "slow or not slow"
 
 bench: model
 	$(BIN)/python benchmarks/engine_decode.py --json docs/engine_decode.json
