@@ -115,6 +115,9 @@ class RedisStateHooks:
         head = await self._retry_until_available(lambda: self.store.read_head(stream_id), stream_id, tp)
         chain = head.latest or head.committed
         if chain is None:
+            # NOTE: a stream whose snapshots Redis lost (a restart without persistence) also
+            # lands here and starts empty although its earlier events are committed; run Redis
+            # with persistence (appendonly yes) where stream history matters.
             self._count_restore("new", started)
             return None
         try:

@@ -24,7 +24,7 @@ class CacheState:
     """A stream's cache as the engine holds it, in the terms the snapshot format stores.
 
     ``keys`` and ``values`` are ``[num_layers, num_kv_heads, capacity, head_dim]`` in the
-    cache dtype, keys before the rotary embedding. ``metadata`` is JSON-serialisable and
+    cache dtype, keys as the engine stores them. ``metadata`` is JSON-serialisable and
     must contain ``tokens_written`` (tokens written into the cache since the stream
     started or was reset); ``engine_config`` must contain ``sink_tokens`` and
     ``window_tokens``.
