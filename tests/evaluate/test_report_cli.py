@@ -10,7 +10,6 @@ import pytest
 
 from worker.cli import main
 from worker.evaluate import Document, ModeResult, PplConfig, RunResult, build_summary
-from worker.exceptions import ConfigError
 
 
 def _run(nll_by_mode: dict[str, np.ndarray], config: PplConfig) -> RunResult:
@@ -75,8 +74,9 @@ def test_ppl_command_writes_outputs(tmp_path, model_dir, capsys):
     assert "streaming" in capsys.readouterr().out
 
 
-def test_ppl_command_unfetched_dataset_raises(tmp_path, monkeypatch, model_dir):
+def test_ppl_command_unfetched_dataset_fails(tmp_path, monkeypatch, model_dir, capsys):
     monkeypatch.setenv("SINKSTREAM_HOME", str(tmp_path))
 
-    with pytest.raises(ConfigError, match="sinkstream data fetch moby-dick"):
-        main(["ppl", "moby-dick", "--model", str(model_dir), "--out", str(tmp_path / "out")])
+    status = main(["ppl", "moby-dick", "--model", str(model_dir), "--out", str(tmp_path / "out")])
+    assert status == 2
+    assert "sinkstream data fetch moby-dick" in capsys.readouterr().err
