@@ -3,8 +3,10 @@
 This is the only code that runs the model. It executes a plan made elsewhere: for each
 item, the stream's slot, the physical indices its new tokens are written to, their
 positions, and the positions of every used slot. Linear layers and MLPs run once over
-the tokens of all items together; attention runs per item against that item's slot,
-so one stream's result never depends on which other streams share the step.
+the tokens of all items together. Items that decode one token share one batched
+attention matmul over their slots; longer items (prompt chunks) attend one by one.
+Each stream's scores and softmax use only its own slot, and tests hold a stream's
+logits in a mixed batch to within 1e-5 of its logits alone.
 """
 
 from __future__ import annotations

@@ -160,7 +160,12 @@ def model_spec(config: Any, tokenizer: Any, family: str) -> ModelSpec:
     num_heads = config.num_attention_heads
     head_dim = _config_get(config, "head_dim") or config.hidden_size // num_heads
     eos = _config_get(config, "eos_token_id")
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if eos is None:
+        eos_ids = set()
+    elif isinstance(eos, (list, tuple)):
+        eos_ids = set(eos)
+    else:
+        eos_ids = {eos}
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     return ModelSpec(
