@@ -552,7 +552,13 @@ class StageWorker:
         for stream_id in stream_ids:
             self._dispatcher.hold(stream_id)
         try:
+            deadline = time.monotonic() + ACK_WAIT_S
             while any(self._dispatcher.in_flight(stream_id) for stream_id in stream_ids):
+                if self._stop.is_set() or time.monotonic() >= deadline:
+                    # Skipping is safe: nothing is committed, the next checkpoint tries again.
+                    logger.warning("checkpoint of %s at offset %d skipped: its streams were still busy after %.0f s",
+                                   _tp_name(state.tp), next_offset, ACK_WAIT_S)
+                    return False
                 await self._wait_progress(0.05)
             # Step 1. Flush the producer: the outputs of the quiesced streams are acknowledged.
             if not await self._wait_acknowledged(state, stream_ids):
