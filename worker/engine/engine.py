@@ -108,7 +108,7 @@ class StepStats:
 
 @dataclass
 class StreamSnapshot:
-    """A stream's complete state: metadata and K/V as the engine holds them.
+    """A stream's complete state: metadata and K/V exactly as the engine stores them.
 
     ``keys`` and ``values``: ``[num_layers, num_kv_heads, used_slots, head_dim]`` in the
     cache dtype and physical slot order; each key is rotated by its physical slot index.
@@ -482,8 +482,8 @@ class StreamEngine:
     def _fail_stuck(self, waiting: tuple[str, ...]) -> list[Result]:
         """Fail the requests of streams that cannot get a slot while no other stream runs.
 
-        Every slot holds an idle stream and the host tier is full, so no step would ever
-        free a slot; the requests fail with the reason instead of waiting for ever.
+        Every slot contains an idle stream and the host tier is full, so no step would ever
+        free a slot. The requests fail with the reason instead of waiting for ever.
         """
         message = (
             f"no cache slot: all {self.config.max_resident_streams} device slots hold idle streams and the host "

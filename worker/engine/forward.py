@@ -219,7 +219,7 @@ class BatchedForward:
 
         Their slots are read as one range ``[lo, hi)`` of the pool, so the cache is read
         once per layer by one batched matmul. Each stream has up to three runs of slots
-        with different shifts (``key_segments``); the query is rotated for each of three
+        with different shifts (``key_segments``). The query is rotated for each of three
         variants, and every key takes the score of its run's variant.
         """
         decode = [index for index, item in enumerate(items) if len(item.token_ids) == 1]

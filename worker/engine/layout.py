@@ -9,8 +9,8 @@ Physical layout of one stream's slot (``S`` = sink_tokens, ``W`` = window_tokens
 
 Positions fed to the rotary embedding are assigned by cache order, not by physical
 index: sink ``j`` sits at position ``j``, the ``i``-th oldest window token at
-``sink_filled + i``. A key is rotated once, by its physical index, when it is written;
-attention rotates the query instead (see ``forward.key_segments``), so a token's stored
+``sink_filled + i``. A key is rotated once, by its physical index, when it is written.
+Attention rotates the query instead (see ``forward.key_segments``), so a token's stored
 key never changes while its position shifts as older tokens are evicted.
 
 The used physical region is always the prefix ``[0, sink_filled + window_count)``: the
@@ -55,7 +55,7 @@ class StreamLayout:
 
 @dataclass(frozen=True)
 class AppendPlan:
-    """Where ``num_tokens`` new tokens go and what must be evicted first."""
+    """Placement of ``num_tokens`` new tokens and the evictions that make room for them."""
 
     num_tokens: int
     num_evicted: int
@@ -76,16 +76,16 @@ def plan_append(layout: StreamLayout, num_tokens: int) -> AppendPlan:
     assert to_window <= window, f"{to_window} tokens cannot fit a window of {window}; chunk the event"
     num_evicted = max(0, layout.window_count + to_window - window)
     ring_head = (layout.ring_head + num_evicted) % window
-    kept = layout.window_count - num_evicted
+    num_retained = layout.window_count - num_evicted
 
     write_slots = list(range(layout.sink_filled, layout.sink_filled + to_sinks))
     for offset in range(to_window):
-        write_slots.append(sinks + (ring_head + kept + offset) % window)
+        write_slots.append(sinks + (ring_head + num_retained + offset) % window)
 
     after = replace(
         layout,
         sink_filled=layout.sink_filled + to_sinks,
-        window_count=kept + to_window,
+        window_count=num_retained + to_window,
         ring_head=ring_head,
         tokens_cached_total=layout.tokens_cached_total + num_tokens,
         tokens_evicted_total=layout.tokens_evicted_total + num_evicted,
@@ -93,7 +93,7 @@ def plan_append(layout: StreamLayout, num_tokens: int) -> AppendPlan:
     return AppendPlan(
         num_tokens=num_tokens,
         num_evicted=num_evicted,
-        start_position=layout.sink_filled + kept,
+        start_position=layout.sink_filled + num_retained,
         write_slots=tuple(write_slots),
         after=after,
     )

@@ -1,6 +1,6 @@
 """Pure step planning: which streams run in the next forward and with how many tokens.
 
-The planner sees only counts and ids, never tensors, so it is tested without a model.
+The planner reads only counts and ids, never tensors, so it is tested without a model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Candidate:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the next forward runs: (stream id, number of tokens) pairs, and slot moves."""
+    """Work of the next forward: (stream id, number of tokens) pairs, and slot moves."""
 
     items: tuple[tuple[str, int], ...]
     admit: tuple[str, ...] = ()

@@ -112,7 +112,7 @@ class EngineRunner:
             self._loop.call_soon_threadsafe(self._on_results, None, exc)
 
     def _drain_commands(self, block: bool) -> bool:
-        """Run queued commands; returns False when told to stop."""
+        """Run queued commands and return False once a stop command arrives."""
         while True:
             try:
                 command = self._commands.get(block=block, timeout=0.5 if block else None)

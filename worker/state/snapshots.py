@@ -21,10 +21,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CacheState:
-    """A stream's cache as the engine holds it, in the terms the snapshot format stores.
+    """A stream's cache as the engine stores it, in the terms of the snapshot format.
 
-    ``keys`` and ``values`` are ``[num_layers, num_kv_heads, capacity, head_dim]`` in the
-    cache dtype, keys as the engine stores them. ``metadata`` is JSON-serialisable and
+    ``keys`` and ``values`` are ``[num_layers, num_kv_heads, slots, head_dim]`` in the
+    cache dtype, keys as the engine stores them. ``slots`` is the used physical prefix
+    when exported from the engine and up to the capacity when rebuilt from deltas. ``metadata`` is JSON-serialisable and
     must contain ``tokens_written`` (tokens written into the cache since the stream
     started or was reset); ``engine_config`` must contain ``sink_tokens`` and
     ``window_tokens``.
