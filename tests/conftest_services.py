@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import threading
 import uuid
 from collections.abc import Coroutine
@@ -57,6 +58,23 @@ def docker_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
+
+
+async def consume_records(bootstrap: str, topics: list[str], expected: int, timeout_s: float = 30) -> list:
+    """Read ``topics`` from the beginning until ``expected`` records arrived or ``timeout_s`` passed."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    records = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records
 
 
 def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:

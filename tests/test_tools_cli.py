@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest_services import run_coroutine
+from tests.conftest_services import consume_records, run_coroutine
 from topology.partitioner import partition_for_stream
 from topology.schemas import EventLimits, OutputRecord, parse_event
 from worker.commands import tools
@@ -25,18 +25,7 @@ def run_tool(capsys, *argv: str) -> tuple[int, str]:
 
 
 async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    records = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
+    records = await consume_records(bootstrap, [topic], expected, timeout_s)
     return sorted(records, key=lambda record: (record.partition, record.offset))
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest_services import run_coroutine
+from tests.conftest_services import consume_records, run_coroutine
 from topology.partitioner import partition_for_stream
 from topology.schemas import EventLimits, OutputRecord, parse_event
 from worker.commands import tools
@@ -18,19 +18,7 @@ STREAM_IDS = ["alpha", "beta", "gamma", "delta", "stream-42", "ümlaut", "user:1
 
 
 async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 30) -> list:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    records = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+    return await consume_records(bootstrap, [topic], expected, timeout_s)
 
 
 async def _send(bootstrap: str, topic: str, messages) -> None:

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.conftest_services import run_coroutine
+from tests.conftest_services import consume_records, run_coroutine
 from topology.partitioner import partition_for_stream
 from topology.router import decide_route
 from topology.schemas import EventLimits, parse_event, read_dead_letter
@@ -51,19 +51,7 @@ def test_decide_route_missing_stream_id_dead_lettered():
 
 
 async def _consume_all(bootstrap: str, topics: list[str], expected: int, timeout_s: float) -> list:
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    records = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=500)).values():
-                records.extend(batch)
-    finally:
-        await consumer.stop()
-    return records
+    return await consume_records(bootstrap, topics, expected, timeout_s)
 
 
 async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
