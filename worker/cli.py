@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from worker.logconfig import configure_logging
+
 # Modules that register subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
     "worker.commands.models",
@@ -30,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a language model over endless Kafka text streams with bounded KV caches.",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO)"
+        "--log-level",
+        default="INFO",
+        help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO); above DEBUG, each repeated aiokafka "
+        "warning or error is logged at most once a minute",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
@@ -47,10 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

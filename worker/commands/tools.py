@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from worker.exceptions import ConfigError, SinkstreamError
+from worker.logconfig import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
