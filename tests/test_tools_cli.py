@@ -161,6 +161,69 @@ def test_produce_without_text_fails(broker, new_topics):
     assert "no events to send" in result.stderr
 
 
+def run_sinkstream(capsys, *argv: str) -> tuple[int, str]:
+    from worker import cli
+
+    exit_code = cli.main(list(argv))
+    return exit_code, capsys.readouterr().err
+
+
+def test_produce_empty_text_rejected_sends_nothing(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=1)
+    connection = ("produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic", topic, "--stream", "s")
+
+    exit_code, err = run_sinkstream(capsys, *connection, "first", "")
+    after_code, _ = run_sinkstream(capsys, *connection, "after")
+    records = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+
+    assert exit_code == 2
+    assert "TEXT argument 2 is empty" in err
+    assert "pass non-empty text" in err
+    assert after_code == 0
+    assert [(record.offset, record.value) for record in records] == [(0, b"after")]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--json", ""), "TEXT argument 1 is empty"),
+        (("--action", "reset", "text"), "--action reset takes no text"),
+        (("--action", "end", "--role", "user", "--file", os.devnull), "--action end takes no --role"),
+    ],
+)
+def test_produce_dead_letter_input_rejected(broker, new_topics, capsys, extra, message):
+    (topic,) = new_topics("events", create=False)
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "s", *extra)
+
+    assert exit_code == 2
+    assert message in err
+
+
+def test_produce_empty_stream_rejected(broker, new_topics, capsys):
+    (topic,) = new_topics("events", create=False)
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "", "text")
+
+    assert exit_code == 2
+    assert "--stream is empty" in err
+
+
+def test_produce_generate_empty_text_requests_reply(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=1)
+
+    exit_code, _ = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                  topic, "--stream", "s", "--generate", "")
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+    event = parse_event(record.key, record.value, record.headers, topic, 0, record.offset, EventLimits())
+
+    assert exit_code == 0
+    assert event.action == "generate"
+    assert event.text is None
+
+
 def test_tail_pretty_prints_outputs(broker, new_topics, capsys):
     (outputs,) = new_topics("outputs", partitions=2)
     messages = [make_output("alpha", 1, "one").to_message(), make_output("beta", 2, "two").to_message()]

@@ -121,8 +121,9 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
         "produce",
         help="send text to a stream",
         description="Send events to a stream: each TEXT argument is one event; with --file or on stdin, each "
-        "line (with its newline) is one event. Raw events are plain UTF-8 text keyed by the stream id; --json "
-        "sends JSON events.",
+        "line (with its newline) is one event, and blank lines are skipped. Raw events are plain UTF-8 text keyed "
+        "by the stream id; --json sends JSON events. An empty TEXT is an error, except with --generate, where it "
+        "requests a reply without new text.",
     )
     produce.add_argument("text", nargs="*", metavar="TEXT", help="event texts; none reads --file or stdin")
     produce.add_argument("--stream", required=True, metavar="ID", help="stream id, the record key")
@@ -155,13 +156,37 @@ def run_produce(args: argparse.Namespace) -> int:
     if action is None and (args.max_new_tokens or args.temperature is not None or args.seed is not None):
         raise ConfigError("--max-new-tokens, --temperature and --seed need --generate")
     topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
+    if not args.stream:
+        raise ConfigError("--stream is empty; pass a non-empty stream id")
     texts = list(_event_texts(args))
     if action in ("reset", "end") and not texts:
         texts = [None]
     if not texts:
         raise ConfigError("no events to send: give TEXT arguments, --file PATH, or lines on stdin")
+    _check_event_texts(args, texts, action)
     records = [_produce_record(args, text, action, as_json) for text in texts]
     return asyncio.run(_send_records(settings.kafka, topic, records))
+
+
+def _check_event_texts(args: argparse.Namespace, texts: list[str | None], action: str | None) -> None:
+    """Reject events that the worker would send to the dead-letter topic as invalid input."""
+    if action in ("reset", "end"):
+        if texts != [None]:
+            raise ConfigError(
+                f"--action {action} takes no text, but {len(texts)} event texts were given; send the text in "
+                "a separate append event"
+            )
+        if args.role:
+            raise ConfigError(f"--action {action} takes no --role; drop --role {args.role}")
+        return
+    if action == "generate":
+        return  # the worker reads an empty text as a request for a reply with no new text
+    for position, text in enumerate(texts, start=1):
+        if not text:
+            raise ConfigError(
+                f"TEXT argument {position} is empty, and the worker sends empty events to the dead-letter topic; "
+                "pass non-empty text, or use --generate to request a reply without new text"
+            )
 
 
 def _event_texts(args: argparse.Namespace) -> Iterator[str | None]:
