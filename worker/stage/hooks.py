@@ -24,7 +24,9 @@ Checkpoint protocol, for one partition ``tp`` whose committable offset moved to
 After a restart or rebalance, the first event of a stream on a newly assigned partition
 triggers :meth:`StreamStateHooks.restore`. A restored stream skips every redelivered
 event whose offset is at or below the restored ``last_offset``, because the snapshot
-already contains it and its output was sent.
+already contains it and its output was sent. A hook that cannot load a snapshot may
+instead rebuild the stream with :meth:`StageHandle.replay_stream`, which runs the
+stream's earlier events through the engine again and publishes nothing.
 """
 
 from __future__ import annotations
@@ -36,16 +38,36 @@ from aiokafka.structs import TopicPartition
 
 if TYPE_CHECKING:
     from worker.engine import StreamSnapshot
+    from worker.stage.replay import ReplayOutcome
 
 
 class StageHandle(Protocol):
-    """The part of the running stage that hooks may call."""
+    """The part of the running stage that hooks may call.
+
+    :class:`~worker.stage.worker.StageWorker` has every method. A harness without Kafka
+    (a test or benchmark) may leave out ``committed_offset``, ``find_stream_ids`` and
+    ``replay_stream``; hooks then neither detect lost snapshots nor replay.
+    """
 
     async def export_stream(self, stream_id: str) -> StreamSnapshot | None:
         """Export a stream from the engine thread; None when the engine does not hold it."""
 
     async def import_stream(self, snapshot: StreamSnapshot) -> None:
         """Import a snapshot into the engine thread, replacing the stream if present."""
+
+    async def committed_offset(self, tp: TopicPartition) -> int | None:
+        """Return the group's committed offset of ``tp`` from the broker; None when nothing was committed."""
+
+    async def find_stream_ids(self, tp: TopicPartition, end_offset: int) -> tuple[set[str], int]:
+        """Return the stream ids with a record on ``tp`` below ``end_offset``, and the beginning offset of ``tp``."""
+
+    async def replay_stream(self, stream_id: str, tp: TopicPartition, end_offset: int) -> ReplayOutcome:
+        """Rebuild ``stream_id`` from its events on ``tp`` below ``end_offset``, publishing nothing.
+
+        The engine runs the events only when the partition still contains the complete
+        history (see :class:`worker.stage.replay.StreamHistory`); otherwise the stream is
+        left untouched and the outcome says so.
+        """
 
 
 @runtime_checkable
@@ -61,11 +83,13 @@ class StreamStateHooks(Protocol):
     async def on_assign(self, tps: Collection[TopicPartition]) -> None:
         """Prepare for newly assigned partitions (for example, prefetch snapshot indexes)."""
 
-    async def restore(self, stream_id: str, tp: TopicPartition) -> int | None:
-        """Restore a stream into the engine before its first event on ``tp`` is applied.
+    async def restore(self, stream_id: str, tp: TopicPartition, next_offset: int | None = None) -> int | None:
+        """Restore a stream into the engine before its event at ``next_offset`` on ``tp`` is applied.
 
-        Returns the offset of the last event the restored snapshot contains, or None when
-        no snapshot was restored and the stream starts empty.
+        Every earlier event of the stream is done, so a replay covers the offsets below
+        ``next_offset``. Returns the offset of the last event the restored snapshot
+        contains, or None when the stage has nothing to skip (the stream starts empty or
+        was rebuilt by replay).
         """
 
     async def checkpoint(
@@ -95,7 +119,7 @@ class NoStateHooks:
     async def on_assign(self, tps: Collection[TopicPartition]) -> None:
         pass
 
-    async def restore(self, stream_id: str, tp: TopicPartition) -> int | None:
+    async def restore(self, stream_id: str, tp: TopicPartition, next_offset: int | None = None) -> int | None:
         return None
 
     async def checkpoint(

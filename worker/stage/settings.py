@@ -129,6 +129,13 @@ class CheckpointSettings(BaseModel):
     max_unsafe_s: float = Field(
         300.0, gt=0, description="seconds without a successful checkpoint before readiness fails"
     )
+    on_rejected: Literal["replay", "reset"] = Field(
+        "replay",
+        description=(
+            "with store redis, what happens to a stream whose snapshot is rejected or was lost: replay "
+            "rebuilds its cache from its earlier events on the topic, reset starts it from an empty cache"
+        ),
+    )
 
 
 class MetricsSettings(BaseModel):

@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from worker.stage import messages
+from worker.stage import messages, replay
 from worker.stage.dispatcher import StreamDispatcher
 from worker.stage.hooks import NoStateHooks, StreamStateHooks
 from worker.stage.offsets import OffsetTracker
@@ -44,6 +44,9 @@ RESEND_DELAY_S = 1.0  # wait before producing an output again after the producer
 WARN_INTERVAL_S = 10.0  # at most one dead-letter warning per reason in this many seconds
 LAG_INTERVAL_S = 5.0  # seconds between two end-offset requests for the consumer lag
 ACK_WAIT_S = 30.0  # maximum seconds a checkpoint waits for the outputs it covers to be acknowledged
+# Replayed events of one stream handed to the engine at a time. The engine runs one event
+# of a stream at a time, so a second one waiting keeps it busy.
+REPLAY_IN_FLIGHT = 2
 
 
 @dataclass
@@ -125,10 +128,12 @@ class StageWorker:
             max_in_flight=settings.stage.queue_max_events
         )
         self._in_engine: dict[str, PendingEvent] = {}  # request id -> event inside the engine
+        self._replaying: dict[str, asyncio.Future] = {}  # request id -> result of a replayed event
         # Redis tier (snapshots enabled): streams in the engine or about to enter it, streams
         # held back until the engine has room for them, and streams dropped after a checkpoint.
         self._engine_streams: set[str] = set()
-        self._waiting_room: OrderedDict[str, PartitionState] = OrderedDict()
+        # Waiting streams map to their partition and the offset of the event that needs them.
+        self._waiting_room: OrderedDict[str, tuple[PartitionState, int]] = OrderedDict()
         self._offloaded: set[str] = set()
         # A host-tier stream needs its host entry until an idle resident stream has moved to
         # the host tier in its place, so one host entry stays free.
@@ -174,6 +179,65 @@ class StageWorker:
 
     async def import_stream(self, snapshot: Any) -> None:
         await self.runner.call(lambda engine: engine.import_stream(snapshot))
+
+    async def committed_offset(self, tp: TopicPartition) -> int | None:
+        return await self.consumer.committed(tp)
+
+    async def find_stream_ids(self, tp: TopicPartition, end_offset: int) -> tuple[set[str], int]:
+        return await replay.read_stream_ids(self.settings.kafka.aiokafka_kwargs(), tp, end_offset)
+
+    async def replay_stream(self, stream_id: str, tp: TopicPartition, end_offset: int) -> replay.ReplayOutcome:
+        """Rebuild a stream from its events on ``tp`` below ``end_offset``; see :mod:`worker.stage.replay`.
+
+        The events run in the engine like live ones, under the request ids they had when
+        they first ran, so seeded sampling generates the same tokens again. Their results
+        are dropped: nothing is produced to the outputs or dead-letter topic, and offsets
+        and stats are untouched. The caller keeps the stream's live events back meanwhile.
+        """
+        state = self._partitions.get(tp)
+        history = await replay.read_stream_history(
+            self.settings.kafka.aiokafka_kwargs(), tp, stream_id, end_offset,
+            lambda record: messages.parse_record(record, self._limits, self._stage.raw_action),
+        )
+        outcome = replay.ReplayOutcome.of(history)
+        if not history.complete or not history.events:
+            return outcome
+        if state is None or self._partitions.get(tp) is not state:
+            outcome.abandoned = True
+            return outcome
+        await self._run_replayed(state, history.events, outcome)
+        if outcome.num_events and not outcome.abandoned:
+            # The next checkpoint stores the rebuilt cache, replacing the snapshot that failed.
+            state.changed_streams.setdefault(stream_id, outcome.last_offset)
+        return outcome
+
+    async def _run_replayed(self, state: PartitionState, events: list[Any], outcome: replay.ReplayOutcome) -> None:
+        """Submit replayed events in order, at most ``REPLAY_IN_FLIGHT`` at a time, and drop their results."""
+        loop = asyncio.get_running_loop()
+        in_flight: deque[asyncio.Future] = deque()
+        for event in events:
+            if self._partitions.get(state.tp) is not state:
+                outcome.abandoned = True
+                break
+            request_id = f"{state.tp.topic}/{state.tp.partition}/{event.offset}"  # as PendingEvent.request_id
+            future = loop.create_future()
+            self._replaying[request_id] = future
+            self.runner.submit(messages.to_request(event, request_id))
+            in_flight.append(future)
+            if len(in_flight) >= REPLAY_IN_FLIGHT:
+                await self._replayed_done(in_flight.popleft(), outcome)
+        while in_flight:
+            await self._replayed_done(in_flight.popleft(), outcome)
+
+    async def _replayed_done(self, future: asyncio.Future, outcome: replay.ReplayOutcome) -> None:
+        try:
+            result = await future
+        except Exception as exc:  # engine.submit raised, as it would have for the live event
+            logger.debug("a replayed event of stream %s was rejected by the engine: %s", outcome.stream_id, exc)
+            outcome.num_failed += 1
+        else:
+            outcome.num_failed += bool(result.error)
+        outcome.num_events += 1
 
     # -- start and stop ---------------------------------------------------------------
 
@@ -275,20 +339,20 @@ class StageWorker:
             # once the engine has room for it.
             self._dispatcher.hold(stream_id)
             self._offloaded.discard(stream_id)
-            self._waiting_room[stream_id] = state
+            self._waiting_room[stream_id] = (state, record.offset)
             self._admit_waiting()
         self._dispatcher.admit(pending)
 
     def _admit_waiting(self) -> None:
         """Restore waiting streams into the engine while it has fewer streams than its capacity."""
         while self._waiting_room and len(self._engine_streams) < self._engine_capacity:
-            stream_id, state = self._waiting_room.popitem(last=False)
+            stream_id, (state, next_offset) = self._waiting_room.popitem(last=False)
             self._engine_streams.add(stream_id)
-            self._spawn(self._restore(state, stream_id))
+            self._spawn(self._restore(state, stream_id, next_offset))
 
-    async def _restore(self, state: PartitionState, stream_id: str) -> None:
+    async def _restore(self, state: PartitionState, stream_id: str, next_offset: int) -> None:
         try:
-            through = await self.hooks.restore(stream_id, state.tp)
+            through = await self.hooks.restore(stream_id, state.tp, next_offset)
         except Exception:
             logger.exception("restoring stream %s on %s failed; it starts empty", stream_id, _tp_name(state.tp))
             through = None
@@ -326,6 +390,11 @@ class StageWorker:
         if stats is not None and self.metrics is not None:
             self.metrics.observe_step(stats)
         for result in results:
+            replayed = self._replaying.pop(result.event_id, None)
+            if replayed is not None:
+                if not replayed.done():
+                    replayed.set_result(result)
+                continue
             pending = self._in_engine.pop(result.event_id, None)
             if pending is None:
                 continue  # abandoned by a revoke
@@ -338,6 +407,11 @@ class StageWorker:
         self._progress.set()
 
     def _on_submit_error(self, request: Any, exc: Exception) -> None:
+        replayed = self._replaying.pop(request.event_id, None)
+        if replayed is not None:
+            if not replayed.done():
+                replayed.set_exception(exc)
+            return
         pending = self._in_engine.pop(request.event_id, None)
         if pending is None:
             return

@@ -19,6 +19,25 @@ to that offset. The latest chain is never older than the committed offset, becau
 was written before the commit, and its outputs were acknowledged in step 1, so skipping
 those events publishes nothing twice and loses nothing. A chain that is newer than the
 committed offset (a crash between steps 2 and 3) only saves replay work.
+
+Before its first snapshot of ``tp`` in an assignment, step 2 creates the partition's
+marker key with ``covered_from``: the offset below which streams of ``tp`` may lack a
+snapshot. It is 0 when nothing was lost, so a stream without a snapshot is new.
+
+A stream whose snapshot is rejected or lost follows ``StateConfig.on_rejected``:
+
+1. ``restore`` finds the stream's snapshot rejected (a checksum, model, engine
+   configuration or format mismatch), or finds no snapshot on a partition whose
+   snapshots were lost (see :meth:`RedisStateHooks._lost_below`) while the partition
+   contains records of the stream below the lost offset.
+2. Under ``replay``, the stage reads the partition from its beginning offset up to the
+   stream's waiting event and runs the stream's events through the engine without
+   publishing (:meth:`StageHandle.replay_stream`). The restore counts as ``replay``.
+3. Under ``reset``, or when the partition no longer holds the stream's complete history
+   (retention deleted its first events), or when reading it fails, the stream starts
+   from an empty cache with an ERROR and a ``restore_error`` count.
+4. A rejected chain stays the compare-and-set target of the next checkpoint, which
+   writes a new base in its place.
 """
 
 from __future__ import annotations
@@ -34,6 +53,7 @@ from aiokafka.structs import TopicPartition
 
 from worker.state.chain import Chain
 from worker.state.config import StateConfig
+from worker.exceptions import SinkstreamError
 from worker.state.exceptions import ChainConflictError, SnapshotRejectedError, StoreUnavailableError
 from worker.state.snapshots import CacheState, StreamSnapshotter
 from worker.state.store import SnapshotStore, make_client
@@ -54,14 +74,29 @@ class StateStats:
     bytes_read: int = 0
     checkpoints_refused: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
+    lost: int = 0  # streams found without a snapshot on a partition whose snapshots were lost
+    replayed_streams: int = 0
+    replayed_events: int = 0
+    resets: int = 0  # rejected or lost streams started from an empty cache
 
 
 @dataclass
 class _PartitionCheckpoints:
-    """Chains stored for one partition and not yet marked committed, by checkpoint offset."""
+    """Checkpoint bookkeeping of one assigned partition.
+
+    ``uncommitted`` maps checkpoint offsets to the streams whose chains were stored for
+    them and are not yet marked committed.
+    """
 
     uncommitted: dict[int, list[str]] = field(default_factory=dict)
     last_success: float = field(default_factory=time.monotonic)
+    # Streams of the partition with records below this offset may have lost their
+    # snapshots (0: none lost); None until checked in this assignment.
+    lost_below: int | None = None
+    marker_seen: bool = False  # the marker key existed in Redis during this assignment
+    max_covered_offset: int = -1  # highest offset a snapshot stored by this worker contains
+    lost_stream_ids: set[str] | None = None  # stream ids with records below lost_below
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class RedisStateHooks:
@@ -98,6 +133,7 @@ class RedisStateHooks:
         self._latest: dict[str, Chain] = {}
         self._committed: dict[str, Chain] = {}
         self._partitions: dict[TopicPartition, _PartitionCheckpoints] = {}
+        self._rebase: set[str] = set()  # streams whose next snapshot replaces a rejected chain
         self._redis_down_since: float | None = None
 
     # -- stage hooks ----------------------------------------------------------------------
@@ -105,27 +141,52 @@ class RedisStateHooks:
     def bind(self, stage: Any) -> None:
         self._stage = stage
 
+    @property
+    def _stage_reads_kafka(self) -> bool:
+        """True when the stage handle can read offsets and replay (a StageWorker, not a test harness)."""
+        return all(
+            hasattr(self._stage, name) for name in ("committed_offset", "find_stream_ids", "replay_stream")
+        )
+
     async def on_assign(self, tps: Collection[TopicPartition]) -> None:
         for tp in tps:
             self._partitions.setdefault(tp, _PartitionCheckpoints())
 
-    async def restore(self, stream_id: str, tp: TopicPartition) -> int | None:
-        """Load the stream's latest chain into the engine; return the offset of its last event."""
+    async def restore(self, stream_id: str, tp: TopicPartition, next_offset: int | None = None) -> int | None:
+        """Load the stream's latest chain into the engine; return the offset of its last event.
+
+        A stream whose chain is rejected, or whose snapshot was lost, is rebuilt or reset
+        as ``config.on_rejected`` selects (see the module docstring) and None is returned.
+        """
         started = time.perf_counter()
         head = await self._retry_until_available(lambda: self.store.read_head(stream_id), stream_id, tp)
         chain = head.latest or head.committed
         if chain is None:
-            # NOTE: a stream whose snapshots Redis lost (a restart without persistence) also
-            # lands here and starts empty although its earlier events are committed; run Redis
-            # with persistence (appendonly yes) where stream history matters.
-            self._count_restore("new", started)
-            return None
+            if not await self._snapshot_lost(stream_id, tp):
+                self._count_restore("new", started)
+                return None
+            self.stats.lost += 1
+            lost_below = self._partitions[tp].lost_below
+            return await self._rebuild(
+                stream_id, tp, next_offset, started,
+                f"its snapshot is missing although Redis lost the snapshots of the partition below offset {lost_below}",
+            )
         try:
             state = await self._retry_until_available(
                 lambda: self.snapshotter.load_chain(chain, self.fingerprint, self.engine_config), stream_id, tp
             )
         except SnapshotRejectedError as exc:
-            return self._handle_rejected(stream_id, tp, exc)
+            self.stats.rejected[exc.reason] = self.stats.rejected.get(exc.reason, 0) + 1
+            # The next checkpoint replaces the rejected chain: it must compare against the
+            # stored pointers and write a base, because no delta may build on that chain.
+            if head.latest is not None:
+                self._latest[stream_id] = head.latest
+            if head.committed is not None:
+                self._committed[stream_id] = head.committed
+            self._rebase.add(stream_id)
+            return await self._rebuild(
+                stream_id, tp, next_offset, started, f"its snapshot was rejected ({exc.reason}: {exc})"
+            )
         await self._stage.import_stream(self._from_state(state))
         self._latest[stream_id] = chain
         if head.committed is not None:
@@ -144,7 +205,10 @@ class RedisStateHooks:
         partition = self._partitions.setdefault(tp, _PartitionCheckpoints())
         stored: list[str] = []
         try:
+            if self._stage_reads_kafka:
+                await self._lost_below(tp, create_marker=True)
             for stream_id, last_offset in stream_offsets.items():
+                partition.max_covered_offset = max(partition.max_covered_offset, last_offset)
                 if await self._snapshot_stream(stream_id, tp, last_offset):
                     stored.append(stream_id)
         except StoreUnavailableError as exc:
@@ -196,6 +260,7 @@ class RedisStateHooks:
         for stream_id in stream_ids:
             self._latest.pop(stream_id, None)
             self._committed.pop(stream_id, None)
+            self._rebase.discard(stream_id)
 
     # -- checkpoint health --------------------------------------------------------------
 
@@ -238,8 +303,10 @@ class RedisStateHooks:
             topic=tp.topic,
             partition=tp.partition,
             last_offset=last_offset,
+            base=stream_id in self._rebase,
         )
         self._latest[stream_id] = chain
+        self._rebase.discard(stream_id)
         self.stats.snapshots_written += 1
         self.stats.bases_written += save.kind == "base"
         self.stats.bytes_written += save.stored_bytes
@@ -247,21 +314,135 @@ class RedisStateHooks:
             self.metrics.snapshot_written(save.stored_bytes, save.encode_s + save.write_s)
         return True
 
-    def _handle_rejected(self, stream_id: str, tp: TopicPartition, exc: SnapshotRejectedError) -> None:
-        self.stats.rejected[exc.reason] = self.stats.rejected.get(exc.reason, 0) + 1
+    async def _snapshot_lost(self, stream_id: str, tp: TopicPartition) -> bool:
+        """Return True when ``stream_id`` has no snapshot because Redis lost it, not because it is new.
+
+        That is the case when the partition's snapshots were lost below some offset
+        (:meth:`_lost_below`) and the partition contains a record of the stream below it.
+        The records are read once per partition and lost offset.
+        """
+        if not self._stage_reads_kafka:
+            return False
+        lost_below = await self._retry_until_available(lambda: self._lost_below(tp), stream_id, tp)
+        if lost_below == 0:
+            return False
+        partition = self._partitions[tp]
+        async with partition.lock:
+            if partition.lost_stream_ids is None:
+                stream_ids, beginning = await self._stage.find_stream_ids(tp, lost_below)
+                partition.lost_stream_ids = stream_ids
+                logger.info(
+                    "found %d streams with records at offsets %d to %d of %s[%d], where snapshots were lost",
+                    len(stream_ids), beginning, lost_below - 1, tp.topic, tp.partition,
+                )
+        return stream_id in partition.lost_stream_ids
+
+    async def _lost_below(self, tp: TopicPartition, create_marker: bool = False) -> int:
+        """Return the offset below which streams of ``tp`` may have lost their snapshots (0: none).
+
+        The rule, checked against the partition's marker key in Redis:
+
+        - The marker exists: its ``covered_from`` offset.
+        - The marker was seen earlier in this assignment and is gone: Redis lost its data
+          since. The offset is the group's committed offset, or one past the highest
+          offset a snapshot stored by this worker contained, whichever is higher.
+        - Neither: the group's committed offset (0 when nothing was committed). Events
+          below it were processed, so their streams had snapshots, unless Redis lost them
+          or snapshots were not stored in this Redis before (another key prefix, or
+          ``checkpoint.store`` newly set to ``redis``).
+
+        ``create_marker`` writes the marker with that offset when it is missing, which
+        the first checkpoint of each assignment does before storing snapshots.
+        """
+        partition = self._partitions.setdefault(tp, _PartitionCheckpoints())
+        async with partition.lock:  # one check at a time, so a loss is logged once
+            covered_from = await self.store.read_partition_marker(tp.topic, tp.partition)
+            if covered_from is not None:
+                lost_below = covered_from
+                partition.marker_seen = True
+            elif partition.marker_seen:
+                committed = await self._stage.committed_offset(tp) or 0
+                lost_below = max(partition.lost_below or 0, partition.max_covered_offset + 1, committed)
+                logger.warning(
+                    "the checkpoint marker of %s[%d] is missing from Redis although it existed earlier in this "
+                    "assignment: Redis lost its data; streams with records below offset %d and no snapshot follow "
+                    "on_rejected=%s",
+                    tp.topic, tp.partition, lost_below, self.config.on_rejected,
+                )
+                partition.marker_seen = False
+            elif partition.lost_below is not None:
+                lost_below = partition.lost_below  # checked earlier in this assignment, marker not yet written
+            else:
+                lost_below = await self._stage.committed_offset(tp) or 0
+                if lost_below > 0:
+                    logger.warning(
+                        "Redis holds no checkpoint marker for %s[%d] although the group committed offset %d: its "
+                        "snapshots were lost or never stored under prefix %r; streams with records below that offset "
+                        "and no snapshot follow on_rejected=%s",
+                        tp.topic, tp.partition, lost_below, self.store.prefix, self.config.on_rejected,
+                    )
+            if lost_below != partition.lost_below:
+                partition.lost_stream_ids = None
+            partition.lost_below = lost_below
+            if create_marker and covered_from is None:
+                await self.store.create_partition_marker(tp.topic, tp.partition, lost_below)
+                partition.marker_seen = True
+            return lost_below
+
+    async def _rebuild(
+        self, stream_id: str, tp: TopicPartition, next_offset: int | None, started: float, cause: str
+    ) -> None:
+        """Replay or reset a stream whose snapshot cannot be used, as ``config.on_rejected`` selects."""
+        if self.config.on_rejected == "reset":
+            self._reset(stream_id, tp, started, f"{cause}; policy on_rejected=reset")
+            return None
+        if next_offset is None or not self._stage_reads_kafka:
+            self._reset(stream_id, tp, started, f"{cause}; this stage cannot replay events")
+            return None
+        # NOTE: each rebuilt stream reads the partition from its beginning offset, so after
+        # a Redis loss the read cost grows with the number of streams times the retained size.
+        try:
+            outcome = await self._stage.replay_stream(stream_id, tp, next_offset)
+        except SinkstreamError as exc:
+            self._reset(stream_id, tp, started, f"{cause}; replaying it failed: {exc}")
+            return None
+        if outcome.abandoned:
+            logger.info("replay of stream %s on %s[%d] stopped: the partition was revoked", stream_id, tp.topic,
+                        tp.partition)
+            return None
+        if not outcome.complete:
+            self._reset(
+                stream_id, tp, started,
+                f"{cause}; the topic no longer holds its first events (the partition begins at offset "
+                f"{outcome.beginning_offset}) and no reset or end event of it follows",
+            )
+            return None
+        if outcome.num_events == 0:
+            logger.warning(
+                "stream %s on %s[%d]: %s; no event of it below offset %d remains to replay, so it starts empty",
+                stream_id, tp.topic, tp.partition, cause, next_offset,
+            )
+            self._count_restore("new", started)
+            return None
+        self.stats.replayed_streams += 1
+        self.stats.replayed_events += outcome.num_events
+        if self.metrics is not None:
+            self.metrics.replayed_events.inc(outcome.num_events)
+        self._count_restore("replay", started)
+        logger.warning(
+            "rebuilt stream %s on %s[%d] by replaying %d events at offsets %d to %d in %.1f s "
+            "(%d returned an engine error): %s",
+            stream_id, tp.topic, tp.partition, outcome.num_events, outcome.first_offset, outcome.last_offset,
+            time.perf_counter() - started, outcome.num_failed, cause,
+        )
+        return None
+
+    def _reset(self, stream_id: str, tp: TopicPartition, started: float, cause: str) -> None:
+        self.stats.resets += 1
         if self.metrics is not None:
             self.metrics.event_failed("restore_error")
-        # NOTE: on_rejected="replay" needs the stage to seek the partition back to the
-        # earliest offset it still holds and re-run the stream's events without
-        # publishing; the stage has no such mode yet, so both policies start the stream
-        # from an empty cache at the committed offset.
-        logger.error(
-            "rejected the snapshot of stream %s on %s[%d] (%s): %s; the stream starts from an empty cache "
-            "(policy %s)",
-            stream_id, tp.topic, tp.partition, exc.reason, exc, self.config.on_rejected,
-        )
-        self._count_restore("new", time.perf_counter())
-        return None
+        logger.error("stream %s on %s[%d] starts from an empty cache: %s", stream_id, tp.topic, tp.partition, cause)
+        self._count_restore("new", started)
 
     async def _retry_until_available(self, operation: Callable[[], Any], stream_id: str, tp: TopicPartition) -> Any:
         """Run ``operation`` until Redis replies, because a Redis outage must not start a stream empty."""
@@ -328,6 +509,7 @@ def from_worker_settings(settings: Any, engine: Any, metrics: Any | None = None)
         checkpoint_interval_events=settings.checkpoint.interval_events,
         checkpoint_interval_s=settings.checkpoint.interval_s,
         max_unsafe_s=settings.checkpoint.max_unsafe_s,
+        on_rejected=settings.checkpoint.on_rejected,
         max_resident_streams=settings.engine.max_resident_streams,
         max_host_streams=settings.engine.max_host_streams,
     )

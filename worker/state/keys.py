@@ -7,6 +7,11 @@ touch them all::
     <prefix>:snap:{<stream tag>}:head                 hash: "latest" and "committed" chains
     <prefix>:snap:{<stream tag>}:r:<record id>:<n>    chunk n of one record
 
+One more key per partition, with the topic and partition as its hash tag, records that
+checkpoints of the partition are stored here (see :mod:`worker.state.hooks`)::
+
+    <prefix>:part:{<topic>/<partition>}:marker        hash: "covered_from" offset
+
 The stream tag is the stream id with ``%``, ``{`` and ``}`` percent-encoded, because
 Redis takes the hash tag up to the first ``}``.
 """
@@ -33,6 +38,10 @@ def head_key(prefix: str, stream_id: str) -> str:
 
 def chunk_key(prefix: str, stream_id: str, record_id: str, index: int) -> str:
     return f"{prefix}:snap:{{{stream_tag(stream_id)}}}:r:{record_id}:{index}"
+
+
+def partition_marker_key(prefix: str, topic: str, partition: int) -> str:
+    return f"{prefix}:part:{{{stream_tag(topic)}/{partition}}}:marker"
 
 
 def head_pattern(prefix: str) -> str:

@@ -101,15 +101,18 @@ class StreamSnapshotter:
         topic: str | None = None,
         partition: int | None = None,
         last_offset: int | None = None,
+        base: bool = False,
     ) -> tuple[Chain, SaveStats]:
         """Write a delta or a new base for ``state`` and make it the stream's latest chain.
 
         ``previous`` is the chain this worker last wrote or loaded for the stream. When
         Redis no longer holds it (a restart without persistence), a new base is written in
         its place; when another worker replaced it, :class:`ChainConflictError` is raised.
+        ``base=True`` writes a new base that replaces ``previous`` (for a chain that was
+        rejected on load, so no delta may build on it).
         """
         try:
-            return await self._save(state, previous, committed, topic, partition, last_offset)
+            return await self._save(state, previous, committed, topic, partition, last_offset, base)
         except ChainConflictError as exc:
             if exc.current is not None or previous is None:
                 raise
@@ -117,7 +120,7 @@ class StreamSnapshotter:
                 "the snapshot chain of stream %s is missing from Redis (was Redis restarted?); writing a new base",
                 state.stream_id,
             )
-            return await self._save(state, None, None, topic, partition, last_offset)
+            return await self._save(state, None, None, topic, partition, last_offset, True)
 
     async def _save(
         self,
@@ -127,9 +130,10 @@ class StreamSnapshotter:
         topic: str | None,
         partition: int | None,
         last_offset: int | None,
+        base: bool,
     ) -> tuple[Chain, SaveStats]:
         started = time.perf_counter()
-        slots = plan_delta(previous, state, self.config.max_deltas)
+        slots = None if base else plan_delta(previous, state, self.config.max_deltas)
         metadata = dict(state.metadata, topic=topic, partition=partition, last_offset=last_offset)
         if slots is None:
             record = SnapshotRecord("base", state.fingerprint, state.engine_config, metadata, state.keys, state.values)

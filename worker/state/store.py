@@ -197,6 +197,24 @@ class SnapshotStore:
             committed=Chain.from_json(committed) if committed else None,
         )
 
+    async def read_partition_marker(self, topic: str, partition: int) -> int | None:
+        """Return the ``covered_from`` offset of the partition's checkpoint marker, or None when it is missing."""
+        value = await self._run(
+            lambda: self._client.hget(keys.partition_marker_key(self.prefix, topic, partition), "covered_from"),
+            f"the marker read of {topic}[{partition}]",
+        )
+        return int(value) if value is not None else None
+
+    async def create_partition_marker(self, topic: str, partition: int, covered_from: int) -> bool:
+        """Create the partition's checkpoint marker unless it exists; return True when this call created it."""
+        created = await self._run(
+            lambda: self._client.hsetnx(
+                keys.partition_marker_key(self.prefix, topic, partition), "covered_from", str(covered_from)
+            ),
+            f"the marker write of {topic}[{partition}]",
+        )
+        return bool(created)
+
     async def read_record(self, stream_id: str, ref: RecordRef) -> bytes:
         """Read and join the chunks of one record; a missing chunk rejects the record as truncated."""
         names = [keys.chunk_key(self.prefix, stream_id, ref.record_id, index) for index in range(ref.num_chunks)]
