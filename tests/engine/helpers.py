@@ -23,7 +23,7 @@ def make_engine(loaded, sink_tokens=4, window_tokens=28, chunk=8, slots=4, batch
 def engine_chunk_logits(engine: StreamEngine, stream_id: str, chunk: list[int], last_only: bool = False) -> torch.Tensor:
     """Feed one chunk (no larger than prefill_chunk_tokens) and return logits for each token (or the last)."""
     from worker.engine.forward import ForwardItem
-    from worker.engine.layout import plan_append, slot_positions
+    from worker.engine.layout import plan_append
 
     engine.submit(Request(stream_id, "probe", token_ids=[]))
     engine.run_until_idle()  # creates the stream
@@ -32,8 +32,7 @@ def engine_chunk_logits(engine: StreamEngine, stream_id: str, chunk: list[int], 
         stream.slot = engine.free_slots.pop()
         engine.resident_lru[stream_id] = None
     plan = plan_append(stream.layout, len(chunk))
-    item = ForwardItem(stream.slot, list(chunk), list(plan.write_slots), plan.start_position,
-                       slot_positions(plan.after), all_logits=not last_only)
+    item = ForwardItem.from_plan(stream.slot, list(chunk), plan, all_logits=not last_only)
     logits = engine.forward([item])[0]
     stream.layout = plan.after
     return logits

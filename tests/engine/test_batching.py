@@ -5,7 +5,7 @@ import torch
 from tests.engine.helpers import make_engine, random_tokens
 from worker.engine import GenerationParams, Request, StreamEngine
 from worker.engine.forward import ForwardItem
-from worker.engine.layout import plan_append, slot_positions
+from worker.engine.layout import plan_append
 
 NUM_STREAMS = 8
 
@@ -21,8 +21,7 @@ def next_items(engine: StreamEngine, chunks: dict[str, list[int]]) -> tuple[list
     for stream_id, chunk in chunks.items():
         stream = engine.streams[stream_id]
         plan = plan_append(stream.layout, len(chunk))
-        items.append(ForwardItem(stream.slot, chunk, list(plan.write_slots), plan.start_position,
-                                 slot_positions(plan.after), all_logits=True))
+        items.append(ForwardItem.from_plan(stream.slot, chunk, plan, all_logits=True))
         plans.append(plan)
     return items, plans
 

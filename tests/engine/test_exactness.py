@@ -33,6 +33,7 @@ def test_exactness_token_by_token_past_several_windows(tiny_loaded):
     tokens = random_tokens(16 * 5, seed=1)
     worst = compare_chunks(tiny_loaded, engine, split(tokens, 1), 4, 12)
     assert engine.streams["s"].layout.tokens_evicted_total == len(tokens) - 16
+    assert engine.streams["s"].layout.rebases_total >= 1  # the stored window keys were rebased
     assert worst <= TOLERANCE
 
 
@@ -46,6 +47,7 @@ def test_exactness_chunked_events(tiny_loaded):
         chunks.append(tokens[start:start + size])
         start += size
     worst = compare_chunks(tiny_loaded, engine, chunks, 4, 20)
+    assert engine.streams["s"].layout.rebases_total >= 2
     assert worst <= TOLERANCE
 
 

@@ -58,13 +58,13 @@ def test_generation_stop_string_truncates(tiny_loaded, tokenizer):
 
 
 def test_generation_eos_stops(tiny_loaded):
-    engine = make_engine(tiny_loaded)
     eos = tiny_loaded.spec.eos_token_ids[0]
     head = tiny_loaded.model.lm_head.weight
     original = head[eos].clone()
     with torch.no_grad():
         head[eos] = head.abs().max() * 50 * torch.sign(tiny_loaded.model.model.norm.weight)
     try:
+        engine = make_engine(tiny_loaded)  # the engine copies the weights when it starts
         result = generate(engine, "s", "e", GenerationParams(max_new_tokens=20), token_ids=random_tokens(5))
     finally:
         with torch.no_grad():

@@ -3,7 +3,15 @@
 import pytest
 
 from worker.engine.config import EngineConfig
-from worker.engine.layout import StreamLayout, logical_order, max_chunk, plan_append, slot_positions
+from worker.engine.layout import (
+    REBASE_LAPS,
+    StreamLayout,
+    logical_order,
+    max_chunk,
+    max_rotation_base,
+    plan_append,
+    slot_positions,
+)
 from worker.exceptions import ConfigError
 
 
@@ -91,6 +99,37 @@ def test_layout_large_counters_do_not_move_positions():
     assert plan_small.write_slots == plan_huge.write_slots
     assert plan_small.start_position == plan_huge.start_position
     assert slot_positions(plan_small.after) == slot_positions(plan_huge.after)
+
+
+def test_layout_rotation_index_is_position_plus_base():
+    """Sinks are rotated by their position, window tokens by position + rotation_base."""
+    layout = StreamLayout(2, 5)
+    for step in range(60):
+        plan = plan_append(layout, 1 + step % 3)
+        for offset, rotation in enumerate(plan.write_rotations):
+            position = plan.start_position + offset
+            in_sinks = plan.write_slots[offset] < 2
+            assert rotation == (position if in_sinks else position + plan.after.rotation_base)
+        assert plan.after.rotation_base <= max_rotation_base(5)
+        assert max(plan.write_rotations) < layout.capacity + max_rotation_base(5)
+        layout = plan.after
+
+
+def test_layout_rebase_once_per_key_lifetime():
+    """A rebase restarts rotation_base; it comes at most once per REBASE_LAPS windows of evictions."""
+    window = 6
+    layout = fill(StreamLayout(2, window), 2 + window, chunk=4)
+    rebase_steps = []
+    for step in range(200):
+        plan = plan_append(layout, 1)
+        if plan.rebase_by:
+            assert plan.rebase_by == layout.rotation_base
+            assert plan.after.rotation_base == plan.num_evicted
+            rebase_steps.append(step)
+        layout = plan.after
+    assert layout.rebases_total == len(rebase_steps) >= 2
+    gaps = [b - a for a, b in zip(rebase_steps, rebase_steps[1:])]
+    assert all(gap >= REBASE_LAPS * window for gap in gaps)  # a key lives `window` evictions
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,46 @@ async def test_engine_restore_equals_never_evicted(tiny_loaded, state_config):
     await reader.close()
 
 
+async def test_engine_restore_across_a_rebase(tiny_loaded, state_config):
+    """A rebase rewrites every stored window key, so the snapshot after it is a new base."""
+    settings = dict(ENGINE_SETTINGS, window_tokens=12, prefill_chunk_tokens=8, max_batch_tokens=16)
+    resident = StreamEngine(tiny_loaded, EngineConfig(**settings))
+    writer = build_state_hooks(state_config, resident)
+    writer.bind(EngineStage(resident))
+    await writer.on_assign([TP])
+    restored = StreamEngine(tiny_loaded, EngineConfig(**settings))
+    reader = build_state_hooks(state_config, restored)
+    reader.bind(EngineStage(restored))
+
+    rebase_checked = False
+    for offset in range(40):  # 3-token events: the 48 evictions before a rebase come at event 21
+        epoch = resident.streams["r"].layout.rebases_total if "r" in resident.streams else 0
+        bases = writer.stats.bases_written
+        feed(resident, "r", token_block(3 * offset, 3), f"e{offset}")
+        assert await writer.checkpoint(TP, {"r": offset}, offset + 1)
+        await writer.committed(TP, offset + 1)
+        if resident.streams["r"].layout.rebases_total == epoch:
+            continue
+
+        assert writer.stats.bases_written == bases + 1, "the snapshot after a rebase must be a base"
+        await reader.on_assign([TP])
+        assert await reader.restore("r", TP) == offset
+        exported, loaded = resident.export_stream("r"), restored.export_stream("r")
+        assert loaded.layout == exported.layout
+        assert torch.equal(loaded.keys, exported.keys)
+        rebase_checked = True
+
+        # The next snapshot is a delta on top of the post-rebase base again.
+        feed(resident, "r", token_block(999, 2), "probe")
+        bases = writer.stats.bases_written
+        assert await writer.checkpoint(TP, {"r": offset}, offset + 1)
+        assert writer.stats.bases_written == bases
+        break
+    assert rebase_checked
+    await writer.close()
+    await reader.close()
+
+
 async def test_engine_restore_other_window_rejected(tiny_loaded, state_config):
     writer_engine = StreamEngine(tiny_loaded, EngineConfig(**ENGINE_SETTINGS))
     writer = build_state_hooks(state_config, writer_engine)

@@ -32,6 +32,9 @@ class EngineConfig:
     """Cache and compute dtype: float32, bfloat16 or float16."""
     device: str = "cpu"
     """Compute device: cpu or cuda[:N]."""
+    prepack_weights: bool = True
+    """On CPU, keep the linear weights fused and prepacked for oneDNN: faster decode, at the
+    cost of a second copy of those weights in memory."""
 
     def __post_init__(self) -> None:
         checks = [

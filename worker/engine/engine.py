@@ -19,7 +19,7 @@ import torch
 
 from worker.engine.config import EngineConfig
 from worker.engine.forward import BatchedForward, CachePool, ForwardItem
-from worker.engine.layout import StreamLayout, max_chunk, plan_append, slot_positions
+from worker.engine.layout import StreamLayout, max_chunk, plan_append
 from worker.engine.models import LoadedModel, check_architecture
 from worker.engine.planner import Candidate, plan_step
 from worker.engine.sampling import GenerationParams, Sampler
@@ -27,7 +27,7 @@ from worker.exceptions import CapacityError, ConfigError, SinkstreamError
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT_VERSION = 1
+SNAPSHOT_FORMAT_VERSION = 2
 ACTIONS = ("append", "reset", "end")
 
 
@@ -111,7 +111,8 @@ class StreamSnapshot:
     """A stream's complete state: metadata and K/V exactly as the engine stores them.
 
     ``keys`` and ``values``: ``[num_layers, num_kv_heads, used_slots, head_dim]`` in the
-    cache dtype and physical slot order; each key is rotated by its physical slot index.
+    cache dtype and physical slot order; each key is rotated by its rotation index (see
+    ``layout``), so the layout's ``rotation_base`` belongs to the state.
     """
 
     stream_id: str
@@ -191,7 +192,8 @@ class StreamEngine:
                 f"lower max_resident_streams to {max(1, int(0.9 * available // self.slot_bytes))} or the window"
             )
         self.pool = CachePool(loaded, config.max_resident_streams, config.capacity)
-        self.forward = BatchedForward(loaded, self.pool)
+        self.forward = BatchedForward(loaded, self.pool, config.sink_tokens, config.window_tokens,
+                                      prepack=config.prepack_weights)
         self.free_slots = list(range(config.max_resident_streams))
         self.streams: dict[str, _Stream] = {}
         self.resident_lru: OrderedDict[str, None] = OrderedDict()
@@ -446,14 +448,7 @@ class StreamEngine:
             active = stream.active
             chunk = active.to_feed[:num_tokens]
             append = plan_append(stream.layout, num_tokens)
-            items.append(ForwardItem(
-                slot=stream.slot,
-                token_ids=chunk,
-                write_slots=list(append.write_slots),
-                start_position=append.start_position,
-                key_positions=slot_positions(append.after),
-                all_logits=active.request.score,
-            ))
+            items.append(ForwardItem.from_plan(stream.slot, chunk, append, all_logits=active.request.score))
             chunks.append((stream, chunk, append))
             self.resident_lru.move_to_end(stream_id)
         logits = self.forward(items)
