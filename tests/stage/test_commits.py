@@ -12,7 +12,7 @@ import sys
 from tests.stage.conftest import committed_offsets, consume, output_json, produce, running_worker, settings_env
 from topology.schemas import HEADER_WORKER_ID
 
-SLOW_TOKENS = 400  # about 5-10 s of decoding with the tiny model on two cores
+SLOW_TOKENS = 4000  # about 8 s of decoding with the tiny model on two cores (2 ms a token)
 
 
 def start_worker_process(settings, log_path):
@@ -24,7 +24,8 @@ def start_worker_process(settings, log_path):
 
 async def test_commit_slow_head_kill9_reprocessed(broker, stage_topics, make_settings, make_engine, tiny_model_dir,
                                                    tmp_path):
-    settings = make_settings(engine={"model_path": str(tiny_model_dir)}, stage={"worker_id": "first"})
+    settings = make_settings(engine={"model_path": str(tiny_model_dir)},
+                             stage={"worker_id": "first", "max_new_tokens_limit": SLOW_TOKENS})
     slow = {"stream_id": "slow", "action": "generate", "text": "Tell me a long story.", "role": "user",
             "generate": {"max_new_tokens": SLOW_TOKENS}}
     records = [(b"slow", json.dumps(slow).encode(), None)]
@@ -47,7 +48,7 @@ async def test_commit_slow_head_kill9_reprocessed(broker, stage_topics, make_set
     outputs_before = await consume(broker.bootstrap_servers, stage_topics.outputs, 10, timeout_s=5, idle_s=0.5)
     assert 0 not in [output_json(r)["source"]["offset"] for r in outputs_before], "the head finished before kill -9"
 
-    settings = make_settings(stage={"worker_id": "second"})
+    settings = make_settings(stage={"worker_id": "second", "max_new_tokens_limit": SLOW_TOKENS})
     async with running_worker(settings, make_engine()):
         outputs = await consume(broker.bootstrap_servers, stage_topics.outputs, len(outputs_before) + 11,
                                 timeout_s=180)
