@@ -147,6 +147,7 @@ class StageWorker:
         self._fatal: BaseException | None = None
         self._last_lag_update = -LAG_INTERVAL_S
         self._lag_task: asyncio.Task | None = None
+        self._kafka_connected = False
         self.stats = WorkerStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -266,8 +267,7 @@ class StageWorker:
         await self.producer.start()
         self.consumer.subscribe([kafka.events_topic], listener=_RebalanceListener(self))
         await self.consumer.start()
-        if self.health is not None:
-            self.health.set_kafka_connected(True)
+        self._set_kafka_connected(True)
         logger.info(
             "worker %s started: group %s, topic %s, queue %d events",
             self._stage.worker_id, kafka.group_id, kafka.events_topic, self._stage.queue_max_events,
@@ -783,17 +783,23 @@ class StageWorker:
         self._lag_task = asyncio.get_running_loop().create_task(self._update_lag())
 
     async def _update_lag(self) -> None:
+        """Read the end offsets of the assigned partitions for the lag; this also probes the broker.
+
+        A probe that fails or times out marks Kafka disconnected in the health state (so
+        ``/readyz`` fails and ``sinkstream_kafka_connected`` drops to 0) until one succeeds.
+        """
         tps = list(self._partitions)
-        if not tps:
-            return
         try:
-            end_offsets = await self.consumer.end_offsets(tps)
+            if tps:
+                end_offsets = await asyncio.wait_for(self.consumer.end_offsets(tps), LAG_INTERVAL_S)
+            else:
+                end_offsets = {}
+                await asyncio.wait_for(self.consumer.topics(), LAG_INTERVAL_S)
         except Exception as exc:  # a metric must never stop the worker
-            logger.warning(
-                "reading the end offsets of %d partitions failed: %s; consumer lag not updated, retrying in %.0f s",
-                len(tps), exc, LAG_INTERVAL_S,
-            )
+            self._set_kafka_connected(False, exc)
+            logger.debug("consumer lag of %d partitions not updated: %s", len(tps), exc)
             return
+        self._set_kafka_connected(True)
         for tp, end_offset in end_offsets.items():
             state = self._partitions.get(tp)
             if state is None:
@@ -806,6 +812,21 @@ class StageWorker:
                 self.health.update_partition(tp, position, lag)
             if self.metrics is not None:
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
+    def _set_kafka_connected(self, connected: bool, error: BaseException | None = None) -> None:
+        if connected == self._kafka_connected:
+            return
+        self._kafka_connected = connected
+        if self.health is not None:
+            self.health.set_kafka_connected(connected)
+        if connected:
+            logger.info("the Kafka broker responds again; reporting Kafka connected")
+        else:
+            reason = (str(error) or type(error).__name__) if error is not None else "no response"
+            logger.warning(
+                "the Kafka broker did not respond within %.0f s (%s); reporting Kafka disconnected until it responds",
+                LAG_INTERVAL_S, reason,
+            )
 
     async def _wait_progress(self, timeout_s: float) -> None:
         self._progress.clear()
