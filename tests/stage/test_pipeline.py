@@ -28,16 +28,23 @@ def mixed_events(num_streams: int, events_per_stream: int):
     return records
 
 
-def engine_alone_outputs(make_engine, settings, records, topic):
-    """Run the same events through a fresh engine without Kafka; return texts per stream."""
+def engine_alone_outputs(make_engine, settings, records, topic, partition=0, request_id=None):
+    """Run the same events through a fresh engine without Kafka; return texts per stream.
+
+    ``records`` is a list of ``(key, value, headers)`` at offsets 0, 1, ... or a mapping
+    from offset to such a triple. ``request_id(offset)`` names each request (default
+    ``e<offset>``); seeded sampling draws from it, so pass the stage's ids to compare
+    sampled replies.
+    """
     from worker.stage import messages
 
     engine = make_engine()
     limits = settings.stage.event_limits()
-    for offset, (key, value, headers) in enumerate(records):
-        event = messages.parse_event(key, value, headers, topic, 0, offset, limits,
+    by_offset = sorted(records.items()) if isinstance(records, dict) else enumerate(records)
+    for offset, (key, value, headers) in by_offset:
+        event = messages.parse_event(key, value, headers, topic, partition, offset, limits,
                                      raw_action=settings.stage.raw_action)
-        engine.submit(messages.to_request(event, f"e{offset}"))
+        engine.submit(messages.to_request(event, request_id(offset) if request_id else f"e{offset}"))
     texts: dict[str, list[str]] = {}
     for result in engine.run_until_idle():
         texts.setdefault(result.stream_id, []).append(result.text)

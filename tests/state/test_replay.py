@@ -16,6 +16,7 @@ import uuid
 from prometheus_client import CollectorRegistry
 
 from tests.stage.conftest import consume, make_engine, make_settings, produce, stage_topics  # noqa: F401
+from tests.stage.test_pipeline import engine_alone_outputs
 from worker.devservices import start_redis
 from worker.metrics import WorkerMetrics
 from worker.stage.worker import StageWorker
@@ -56,22 +57,12 @@ def redis_worker_settings(make_settings, redis_url: str, on_rejected: str = "rep
 
 
 def reference_texts(make_engine, settings, records_by_offset: dict[int, tuple], topic: str) -> dict[str, list[str]]:
-    """Run records of partition 0, keyed by offset, through a fresh engine; return texts per stream.
+    """Run records of the test partition, keyed by offset, through a fresh engine; return texts per stream.
 
     Request ids are the stage's, so seeded sampling draws what the stage draws.
     """
-    from worker.stage import messages
-
-    engine = make_engine()
-    limits = settings.stage.event_limits()
-    for offset, (key, value, headers) in sorted(records_by_offset.items()):
-        parsed = messages.parse_event(key, value, headers, topic, PARTITION, offset, limits,
-                                      raw_action=settings.stage.raw_action)
-        engine.submit(messages.to_request(parsed, f"{topic}/{PARTITION}/{offset}"))
-    texts: dict[str, list[str]] = {}
-    for result in engine.run_until_idle():
-        texts.setdefault(result.stream_id, []).append(result.text)
-    return texts
+    return engine_alone_outputs(make_engine, settings, records_by_offset, topic, partition=PARTITION,
+                                request_id=lambda offset: f"{topic}/{PARTITION}/{offset}")
 
 
 async def run_round(broker, settings, engine, records, expected_outputs: int, metrics=None):
