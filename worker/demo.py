@@ -53,6 +53,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resident-streams", type=int, default=48,
                         help="cache slots in memory; other idle streams are parked on the host (default 48)")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the fetched SmolLM2)")
+    parser.add_argument("--checkpoint-store", choices=("redis", "none"), default="redis",
+                        help="snapshot stream caches to the demo's Redis at each checkpoint (redis, the "
+                        "default), or commit offsets without snapshots (none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--timeout-s", type=float, default=1800, help="give up after this many seconds")
 
@@ -148,6 +152,7 @@ async def _run(args, model_dir: Path, questions: list[dict], book: str, bootstra
         "kafka": {"bootstrap_servers": bootstrap, "group_id": f"demo-{run_id}", "events_topic": topics["events"],
                   "outputs_topic": topics["outputs"], "dlq_topic": topics["dlq"]},
         "redis": {"url": redis_url},
+        "checkpoint": {"store": args.checkpoint_store},
         "engine": {"model_path": str(model_dir), "window_tokens": args.window_tokens,
                    "max_resident_streams": args.resident_streams, "max_host_streams": 256,
                    # Small steps keep replies flowing while the book is prefilled alongside them.
@@ -179,6 +184,8 @@ async def _run(args, model_dir: Path, questions: list[dict], book: str, bootstra
         await producer.stop()
         worker = await _stop_worker(worker_task, created)
     _print_summary(args, questions, chapters, progress, worker)
+    if args.json is not None:
+        args.json.write_text(json.dumps(_summary(args, progress, worker), indent=2) + "\n")
     return 0 if progress.outputs >= progress.expected_outputs and not progress.dead_letters else 1
 
 
@@ -270,6 +277,26 @@ async def _stop_worker(worker_task: asyncio.Task, created: asyncio.Future):
     if not worker_task.done() and created.done():
         created.result().request_stop()
     return await asyncio.wait_for(worker_task, 60)
+
+
+def _summary(args, progress: DemoProgress, worker) -> dict:
+    """Return the run's figures; ``worker_seconds`` runs from the first fetched event to the last output."""
+    summary = {
+        "checkpoint_store": args.checkpoint_store,
+        "wall_seconds": time.monotonic() - progress.started,
+        "events_sent": progress.events_sent,
+        "outputs": progress.outputs,
+        "dead_letters": progress.dead_letters,
+        "prompt_tokens": progress.prompt_tokens,
+        "generated_tokens": progress.generated_tokens,
+    }
+    stats = getattr(worker, "stats", None)
+    if stats is not None and stats.first_fetch_at is not None and stats.last_output_at is not None:
+        seconds = stats.last_output_at - stats.first_fetch_at
+        summary["worker_seconds"] = seconds
+        summary["tokens_per_s"] = (progress.prompt_tokens + progress.generated_tokens) / seconds
+        summary["events_per_s"] = progress.outputs / seconds
+    return summary
 
 
 def _percentile(values: list[float], fraction: float) -> float:
