@@ -1,5 +1,6 @@
 """A stream restored from Redis into a fresh engine continues exactly like one never evicted."""
 
+import pytest
 import torch
 from aiokafka.structs import TopicPartition
 
@@ -117,6 +118,38 @@ async def test_engine_restore_across_a_rebase(tiny_loaded, state_config):
         assert writer.stats.bases_written == bases
         break
     assert rebase_checked
+    await writer.close()
+    await reader.close()
+
+
+@pytest.mark.parametrize("action", ["reset", "end"])
+async def test_engine_restore_after_restart_in_place(tiny_loaded, state_config, action):
+    """After a reset or an end, the next snapshot is a base even when the new cache has more tokens."""
+    resident = StreamEngine(tiny_loaded, EngineConfig(**ENGINE_SETTINGS))
+    writer = build_state_hooks(state_config, resident)
+    writer.bind(EngineStage(resident))
+    await writer.on_assign([TP])
+    feed(resident, "x", token_block(0, 20), "e0")
+    assert await writer.checkpoint(TP, {"x": 0}, 1)
+    await writer.committed(TP, 1)
+
+    # Restart the stream and write more tokens than it held, all before the next checkpoint.
+    resident.submit(Request("x", "e1", action=action))
+    feed(resident, "x", token_block(500, 30), "e2")
+    bases = writer.stats.bases_written
+    assert await writer.checkpoint(TP, {"x": 2}, 3)
+    await writer.committed(TP, 3)
+    assert writer.stats.bases_written == bases + 1
+
+    restored = StreamEngine(tiny_loaded, EngineConfig(**ENGINE_SETTINGS))
+    reader = build_state_hooks(state_config, restored)
+    reader.bind(EngineStage(restored))
+    await reader.on_assign([TP])
+    assert await reader.restore("x", TP) == 2
+    exported, loaded = resident.export_stream("x"), restored.export_stream("x")
+    assert loaded.layout == exported.layout
+    assert torch.equal(loaded.keys, exported.keys)
+    assert torch.equal(loaded.values, exported.values)
     await writer.close()
     await reader.close()
 

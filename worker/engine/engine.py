@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
@@ -167,6 +168,11 @@ def _available_memory(device: torch.device) -> int | None:
         return None
 
 
+def _new_epoch() -> int:
+    """Return a random identity for a new incarnation of a stream's cache (see ``StreamLayout.epoch``)."""
+    return secrets.randbits(62)
+
+
 class StreamEngine:
     """Per-stream attention-sink + window caches; one batched forward per ``step``."""
 
@@ -214,7 +220,8 @@ class StreamEngine:
         """Queue a request behind the earlier requests of its stream."""
         stream = self.streams.get(request.stream_id)
         if stream is None:
-            stream = _Stream(request.stream_id, StreamLayout(self.config.sink_tokens, self.config.window_tokens))
+            stream = _Stream(request.stream_id, StreamLayout(self.config.sink_tokens, self.config.window_tokens,
+                                                             epoch=_new_epoch()))
             self.streams[request.stream_id] = stream
         self._order[id(request)] = next(self._sequence)
         stream.queue.append(request)
@@ -369,7 +376,7 @@ class StreamEngine:
         return torch.zeros(shape, dtype=self.loaded.dtype), torch.zeros(shape, dtype=self.loaded.dtype)
 
     def _reset(self, stream: _Stream) -> None:
-        stream.layout = stream.layout.reset()
+        stream.layout = stream.layout.reset(epoch=_new_epoch())
         stream.pending = []
         stream.chat_started = False
         stream.score_carry = None
@@ -519,7 +526,7 @@ class StreamEngine:
             stream.queue.clear()
             self.drop_stream(stream.stream_id)
             if later:  # requests after an end start the stream afresh
-                fresh = _Stream(stream.stream_id, stream.layout.reset())
+                fresh = _Stream(stream.stream_id, stream.layout.reset(epoch=_new_epoch()))
                 fresh.queue.extend(later)
                 self.streams[stream.stream_id] = fresh
             return result

@@ -59,6 +59,10 @@ class StreamLayout:
     """Evictions since the last rebase: a window key's rotation index minus its position."""
     rebases_total: int = 0
     """Rebases so far; each one rewrote every stored window key."""
+    epoch: int = 0
+    """Identity of this incarnation of the stream's cache, chosen by the engine when the
+    stream starts, is reset or starts again after an end. Snapshot deltas are valid only
+    on top of a snapshot of the same epoch."""
 
     @property
     def capacity(self) -> int:
@@ -74,8 +78,9 @@ class StreamLayout:
         """Length of the used physical prefix."""
         return self.sink_filled + self.window_count
 
-    def reset(self) -> StreamLayout:
-        return StreamLayout(self.sink_tokens, self.window_tokens)
+    def reset(self, epoch: int = 0) -> StreamLayout:
+        """Return an empty layout of the same shape, with ``epoch`` as its identity."""
+        return StreamLayout(self.sink_tokens, self.window_tokens, epoch=epoch)
 
 
 @dataclass(frozen=True)

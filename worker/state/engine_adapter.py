@@ -22,7 +22,8 @@ def to_cache_state(snapshot: Any) -> CacheState:
         "tokens_written": layout["tokens_cached_total"],
         "cache_fill": layout["sink_filled"] + layout["window_count"],
         "tokens_evicted": layout["tokens_evicted_total"],
-        "rotation_epoch": layout.get("rebases_total", 0),
+        # A reset, a restart after an end, or a rebase rewrites slots that no token count shows.
+        "cache_epoch": f"{layout.get('epoch', 0)}.{layout.get('rebases_total', 0)}",
         "layout": layout,
         "pending_token_ids": list(snapshot.pending_token_ids),
         "chat_started": snapshot.chat_started,

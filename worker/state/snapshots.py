@@ -27,9 +27,10 @@ class CacheState:
     cache dtype, keys as the engine stores them. ``slots`` is the used physical prefix
     when exported from the engine and up to the capacity when rebuilt from deltas. ``metadata`` is JSON-serialisable and
     must contain ``tokens_written`` (tokens written into the cache since the stream
-    started or was reset) and may contain ``rotation_epoch`` (how many times the engine
-    rewrote every stored window key, see ``worker.engine.layout``); ``engine_config``
-    must contain ``sink_tokens`` and ``window_tokens``.
+    started or was reset) and may contain ``cache_epoch``, a string that changes whenever
+    the engine rewrote the cache in a way token counts do not show (a reset, a restart
+    after an end, a rebase of the window keys); ``engine_config`` must contain
+    ``sink_tokens`` and ``window_tokens``.
     """
 
     stream_id: str
@@ -44,8 +45,8 @@ class CacheState:
         return int(self.metadata["tokens_written"])
 
     @property
-    def rotation_epoch(self) -> int:
-        return int(self.metadata.get("rotation_epoch", 0))
+    def cache_epoch(self) -> str:
+        return str(self.metadata.get("cache_epoch", ""))
 
     @property
     def capacity(self) -> int:
@@ -68,10 +69,10 @@ class SaveStats:
 def plan_delta(previous: Chain | None, state: CacheState, max_deltas: int) -> list[int] | None:
     """Return the slots a delta on top of ``previous`` must hold, or None when a new base is due.
 
-    A base is due when there is no previous chain, when the stream was reset, when the
-    engine rebased the stream's stored window keys since ``previous`` (a new rotation
-    epoch rewrote every window slot), or when the chain already has ``max_deltas``
-    deltas. It is also due when the deltas would
+    A base is due when there is no previous chain, when the stream was reset, when its
+    ``cache_epoch`` differs from the chain's (a reset, a restart after an end or a rebase
+    of the window keys rewrote slots that token counts do not show), or when the chain
+    already has ``max_deltas`` deltas. It is also due when the deltas would
     together rewrite at least as many slots as the cache has, because then a base is
     smaller than the deltas.
     """
@@ -79,7 +80,7 @@ def plan_delta(previous: Chain | None, state: CacheState, max_deltas: int) -> li
         return None
     if len(previous.records) - 1 >= max_deltas:
         return None
-    if int(previous.extra.get("rotation_epoch", 0)) != state.rotation_epoch:
+    if str(previous.extra.get("cache_epoch", "")) != state.cache_epoch:
         return None
     slots = changed_slots(
         previous.tokens_written,
@@ -177,7 +178,7 @@ class StreamSnapshotter:
             last_offset=last_offset,
             tokens_written=state.tokens_written,
             created_at=time.time(),
-            extra={"delta_slots": delta_slots, "rotation_epoch": state.rotation_epoch},
+            extra={"delta_slots": delta_slots, "cache_epoch": state.cache_epoch},
         )
         await self.store.publish(chain, [ref], previous, committed)
         stats = SaveStats(
