@@ -210,3 +210,31 @@ async def test_replay_after_redis_restart(broker, stage_topics, make_settings, m
     detected = [r.getMessage() for r in caplog.records
                 if "Redis holds no checkpoint marker" in r.getMessage()]
     assert len(detected) == 1, detected
+
+
+async def test_ended_streams_release_admission(broker, redis_server, stage_topics, make_settings, tiny_loaded):
+    """Streams that end give back their admission place, so later streams still run.
+
+    With one slot and two host places the worker admits two streams at a time. Two
+    streams that end must not keep the third one waiting for ever.
+    """
+    from tests.stage.conftest import ENGINE_CONFIG
+    from worker.engine import EngineConfig, StreamEngine
+
+    limits = {"max_resident_streams": 1, "max_host_streams": 2}
+    settings = redis_worker_settings(make_settings, redis_server.url)
+    settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=limits)})
+    engine = StreamEngine(tiny_loaded, EngineConfig(**{**ENGINE_CONFIG, **limits}))
+    end = {"action": "end"}
+    records = []
+    for stream_id in ("a", "b"):
+        records.append(event(stream_id, "A stream that ends soon."))
+        records.append((stream_id.encode(), json.dumps({"stream_id": stream_id, **end}).encode(), None))
+    records += [event("c", "A third stream."), event("c", "It asks for a reply.", generate=True)]
+
+    worker, _hooks = await run_round(broker, settings, engine, records, expected_outputs=len(records))
+
+    assert worker.stats.outputs == len(records)
+    assert worker.stats.dead_letters == 0
+    assert "a" not in worker._engine_streams
+    assert "b" not in worker._engine_streams

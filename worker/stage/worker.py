@@ -582,6 +582,13 @@ class StageWorker:
             self._engine_streams.difference_update(dropped)
             self._offloaded.update(dropped)
             logger.debug("dropped %d clean idle streams to the Redis tier: %s", len(dropped), dropped)
+        # Streams that ended have left the engine. Once their end is checkpointed, their
+        # snapshot is deleted and they are not in keep, so they give back their admission place.
+        known = set(await self.runner.call(lambda engine: engine.known_streams()))
+        ended = {stream_id for stream_id in self._engine_streams if stream_id not in known and stream_id not in keep}
+        if ended:
+            self._engine_streams.difference_update(ended)
+            logger.debug("released %d ended streams: %s", len(ended), sorted(ended))
         self._admit_waiting()
 
     async def _commit_partition(self, state: PartitionState) -> bool:
