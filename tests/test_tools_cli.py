@@ -189,6 +189,11 @@ def test_produce_empty_text_rejected_sends_nothing(broker, new_topics, capsys):
         (("--json", ""), "TEXT argument 1 is empty"),
         (("--action", "reset", "text"), "--action reset takes no text"),
         (("--action", "end", "--role", "user", "--file", os.devnull), "--action end takes no --role"),
+        (("--generate", "hi", "--temperature", "-1"), "reason invalid_temperature"),
+        (("--generate", "hi", "--seed", "-5"), "reason invalid_seed"),
+        (("--generate", "hi", "--max-new-tokens", "0"), "reason invalid_max_new_tokens"),
+        (("x" * 40_000,), "reason text_too_large"),
+        (("a\udcffb",), "TEXT contains bytes that are not valid UTF-8"),
     ],
 )
 def test_produce_dead_letter_input_rejected(broker, new_topics, capsys, extra, message):
@@ -209,6 +214,28 @@ def test_produce_empty_stream_rejected(broker, new_topics, capsys):
 
     assert exit_code == 2
     assert "--stream is empty" in err
+
+
+def test_produce_invalid_stream_id_rejected(broker, new_topics, capsys):
+    (topic,) = new_topics("events", create=False)
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "bad\x01id", "text")
+
+    assert exit_code == 2
+    assert "reason invalid_stream_id" in err
+    assert "--no-check" in err
+
+
+def test_produce_no_check_sends_invalid_event(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=1)
+
+    exit_code, _ = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                  topic, "--stream", "s", "--no-check", "--generate", "hi", "--temperature", "-1")
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+
+    assert exit_code == 0
+    assert json.loads(record.value)["generate"]["temperature"] == -1
 
 
 def test_produce_generate_empty_text_requests_reply(broker, new_topics, capsys):

@@ -145,6 +145,11 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write JSON events with a stream_id field and no key to the ingress topic, for the router",
     )
+    produce.add_argument(
+        "--no-check",
+        action="store_true",
+        help="send events even where the worker's validation would dead-letter them (to test the dead-letter topic)",
+    )
     _add_kafka_arguments(produce)
     produce.set_defaults(func=run_produce)
 
@@ -165,7 +170,25 @@ def run_produce(args: argparse.Namespace) -> int:
         raise ConfigError("no events to send: give TEXT arguments, --file PATH, or lines on stdin")
     _check_event_texts(args, texts, action)
     records = [_produce_record(args, text, action, as_json) for text in texts]
+    if not args.no_check:
+        _check_records(settings, args, records, topic)
     return asyncio.run(_send_records(settings.kafka, topic, records))
+
+
+def _check_records(settings: Any, args: argparse.Namespace, records: list, topic: str) -> None:
+    """Parse each record as the worker will, with these settings' limits; reject what it would dead-letter."""
+    from worker.stage import messages
+
+    limits = settings.stage.event_limits()
+    for position, (key, value, headers) in enumerate(records, start=1):
+        try:
+            messages.parse_event(key or args.stream.encode("utf-8"), value, headers, topic, 0, 0, limits,
+                                 raw_action=settings.stage.raw_action)
+        except messages.InvalidEventError as exc:
+            raise ConfigError(
+                f"event {position} would go to the dead-letter topic with reason {exc.reason}: {exc}; fix the "
+                "argument (limits come from the stage settings), or pass --no-check to send it anyway"
+            ) from None
 
 
 def _check_event_texts(args: argparse.Namespace, texts: list[str | None], action: str | None) -> None:
@@ -202,6 +225,13 @@ def _event_texts(args: argparse.Namespace) -> Iterator[str | None]:
 def _produce_record(
     args: argparse.Namespace, text: str | None, action: str | None, as_json: bool
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    for name, value in (("--stream", args.stream), ("TEXT", text), ("--role", args.role)):
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{name} contains bytes that are not valid UTF-8; pass UTF-8 text, or use --file with a UTF-8 file"
+            ) from None
     key = None if args.via_router else args.stream.encode("utf-8")
     if not as_json:
         # The header keeps text that happens to look like a JSON event from being read as one.
