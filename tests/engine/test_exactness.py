@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.engine.helpers import compare_chunks, make_engine, random_tokens, split
+from tests.engine.helpers import compare_chunks, engine_chunk_logits, make_engine, random_tokens, split
 from tests.engine.reference import NaiveSinkCache
 from tests.models import tiny_model
 from worker.engine import GenerationParams, Request, load_from_model
@@ -107,3 +107,20 @@ def test_exactness_other_rope_families(model_type, tokenizer):
     evicting = make_engine(loaded, sink_tokens=2, window_tokens=10, chunk=3)
     worst = compare_chunks(loaded, evicting, split(random_tokens(60, seed=9), 3), 2, 10)
     assert worst <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exactness_half_precision_near_float32(tokenizer, dtype):
+    """Half-precision engines (prepacked or plain linear layers) stay near the float32 reference."""
+    tokens = random_tokens(60, seed=4)
+    chunks = split(tokens[:40], 8) + split(tokens[40:], 1)
+    reference_loaded = load_from_model(tiny_model("llama", seed=5), tokenizer)
+    reference = NaiveSinkCache(reference_loaded.model, 4, 20)
+    half_loaded = load_from_model(tiny_model("llama", seed=5, dtype=dtype), tokenizer)
+    engine = make_engine(half_loaded, sink_tokens=4, window_tokens=20, chunk=8)
+    worst = 0.0
+    for chunk in chunks:
+        ours = engine_chunk_logits(engine, "s", chunk)
+        worst = max(worst, (ours - reference.feed(chunk)).abs().max().item())
+    assert engine.streams["s"].layout.tokens_evicted_total > 0
+    assert worst <= 0.1, worst
