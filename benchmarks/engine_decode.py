@@ -18,7 +18,11 @@ import platform
 import time
 from dataclasses import replace
 
-import torch
+from worker.threads import configure_openmp_waiting
+
+configure_openmp_waiting()  # the worker's OpenMP setting; libgomp reads it when torch loads
+
+import torch  # noqa: E402
 
 from worker.engine import EngineConfig, StreamEngine, load_model
 from worker.engine.forward import ForwardItem

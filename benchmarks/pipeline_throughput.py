@@ -32,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from worker.threads import configure_openmp_waiting  # noqa: E402
+
+configure_openmp_waiting()  # the worker's OpenMP setting; libgomp reads it when torch loads
+
 
 def build_workload(args) -> list[tuple[bytes, bytes]]:
     """Return (key, value) records, interleaved across streams."""

@@ -23,7 +23,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from worker.threads import configure_openmp_waiting
+
+configure_openmp_waiting()  # the worker's OpenMP setting; libgomp reads it when torch loads
+
+import torch  # noqa: E402
 
 from worker.data import dataset_path, fetch_datasets
 from worker.engine import EngineConfig, StreamEngine

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from worker.logconfig import configure_logging
+from worker.threads import configure_openmp_waiting
 
 # Modules that register subcommands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_openmp_waiting()  # before any command imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of the output (for example `head`) has exited, so stop quietly as other
+        # command-line tools do. Pointing stdout at devnull keeps the exit flush from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (OSError, UnicodeDecodeError) as exc:
         logging.getLogger("sinkstream").debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
@@ -74,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if type(exc).__module__.startswith(("aiokafka", "kafka", "redis")):
             logging.getLogger("sinkstream").debug("command failed", exc_info=True)
-            print(f"error: {type(exc).__name__}: {exc}; check the broker and Redis addresses "
+            # aiokafka's messages start with the class name already.
+            message = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
+            print(f"error: {message}; check the broker and Redis addresses "
                   f"(--bootstrap-servers, SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS, SINKSTREAM_REDIS__URL)",
                   file=sys.stderr)
             return 2
