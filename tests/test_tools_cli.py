@@ -328,6 +328,7 @@ def test_dev_up_starts_services_and_stops_on_signal(stop_signal):
         bootstrap = exports["SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS"]
         redis_url = exports["SINKSTREAM_REDIS__URL"]
         redis_address = redis_url.removeprefix("redis://").split("/")[0]
+        assert exports["SINKSTREAM_CHECKPOINT__STORE"] == "redis"
 
         assert "topic sinkstream.events: 2 partitions" in out
         assert "topic sinkstream.dlq: 1 partitions" in out

@@ -325,5 +325,10 @@ def _print_summary(args, questions, chapters, progress: DemoProgress, worker) ->
     print(f"wall time:       {elapsed:.0f} s (window {args.window_tokens} + 4 sink tokens per stream)")
     if worker is not None:
         print(f"worker:          {worker.stats.consumed} events consumed, fetching paused {worker.stats.pauses} times")
-    if len(questions) < 80 or not args.whole_book:
-        print("enlarge with --whole-book (or --chapters N) and --conversations 80")
+    hints = []
+    if not args.whole_book:
+        hints.append("--whole-book (or --chapters N)")
+    if len(questions) < 80:
+        hints.append("--conversations 80")
+    if hints:
+        print(f"enlarge with {' and '.join(hints)}")

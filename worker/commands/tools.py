@@ -254,8 +254,8 @@ async def _send_records(kafka, topic: str, records: list) -> int:
     producer = AIOKafkaProducer(
         **kafka.aiokafka_kwargs(), acks="all", enable_idempotence=kafka.producer_idempotence
     )
-    await producer.start()
     try:
+        await producer.start()
         for key, value, headers in records:
             metadata = await producer.send_and_wait(topic, value, key=key, headers=headers)
             print(f"{metadata.topic}[{metadata.partition}]@{metadata.offset}")
@@ -471,7 +471,9 @@ def _print_environment(broker, redis) -> None:
     print("Use these settings in other shells:")
     print(f"export SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS={broker.bootstrap_servers}")
     if redis is not None:
+        # Workers snapshot stream caches only with the redis checkpoint store (default none).
         print(f"export SINKSTREAM_REDIS__URL={redis.url}")
+        print("export SINKSTREAM_CHECKPOINT__STORE=redis")
     print("Press Ctrl-C to stop.", flush=True)
 
 

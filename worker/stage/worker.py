@@ -148,6 +148,7 @@ class StageWorker:
         self._last_lag_update = -LAG_INTERVAL_S
         self._lag_task: asyncio.Task | None = None
         self._kafka_connected = False
+        self._kafka_lost = False  # the broker stopped responding at least once
         self.stats = WorkerStats()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -826,9 +827,10 @@ class StageWorker:
         self._kafka_connected = connected
         if self.health is not None:
             self.health.set_kafka_connected(connected)
-        if connected:
+        if connected and self._kafka_lost:
             logger.info("the Kafka broker responds again; reporting Kafka connected")
-        else:
+        if not connected:
+            self._kafka_lost = True
             reason = (str(error) or type(error).__name__) if error is not None else "no response"
             logger.warning(
                 "the Kafka broker did not respond within %.0f s (%s); reporting Kafka disconnected until it responds",
