@@ -62,7 +62,7 @@ def test_topics_create_twice_reports_existing(broker, capsys, monkeypatch):
 
     assert first_code == 0
     assert f"{prefix}.events: created, 2 partitions" in first
-    assert f"{prefix}.dlq: created, 1 partitions" in first
+    assert f"{prefix}.dlq: created, 1 partition" in first
     assert second_code == 0
     assert f"{prefix}.events: exists, 2 partitions" in second
 
@@ -77,7 +77,7 @@ def test_topics_create_more_partitions_exits_nonzero(broker, capsys, monkeypatch
                               "--partitions", "3")
 
     assert exit_code == 1
-    assert f"{prefix}.events: exists, 1 partitions (fewer than the 3 configured)" in out
+    assert f"{prefix}.events: exists, 1 partition (fewer than the 3 configured)" in out
 
 
 def test_produce_raw_texts_keyed_by_stream(broker, new_topics, capsys):
@@ -331,7 +331,7 @@ def test_dev_up_starts_services_and_stops_on_signal(stop_signal):
         assert exports["SINKSTREAM_CHECKPOINT__STORE"] == "redis"
 
         assert "topic sinkstream.events: 2 partitions" in out
-        assert "topic sinkstream.dlq: 1 partitions" in out
+        assert "topic sinkstream.dlq: 1 partition\n" in out
         assert _port_open(bootstrap)
         assert _port_open(redis_address)
 

@@ -108,7 +108,7 @@ def run_topics_create(args: argparse.Namespace) -> int:
     for result in results:
         state = "created" if result.created else "exists"
         note = f" (fewer than the {result.expected_partitions} configured)" if result.has_fewer_partitions else ""
-        print(f"{result.name}: {state}, {result.partitions} partitions{note}")
+        print(f"{result.name}: {state}, {_partitions(result.partitions)}{note}")
     return 1 if any(result.has_fewer_partitions for result in results) else 0
 
 
@@ -448,7 +448,7 @@ def run_dev_up(args: argparse.Namespace) -> int:
             sizes = {role: {"partitions": args.partitions} for role in ("ingress", "events", "outputs")}
         settings = load_tool_settings(args, kafka={"bootstrap_servers": broker.bootstrap_servers}, topics=sizes)
         for result in asyncio.run(create_topics(settings.kafka, settings.topic_specs())):
-            print(f"topic {result.name}: {result.partitions} partitions")
+            print(f"topic {result.name}: {_partitions(result.partitions)}")
         _print_environment(broker, redis)
         while not stop_requested.wait(0.5):
             dead = [service for service in services if not service.alive()]
@@ -462,6 +462,10 @@ def run_dev_up(args: argparse.Namespace) -> int:
             service.stop()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+
+
+def _partitions(count: int) -> str:
+    return f"{count} partition" if count == 1 else f"{count} partitions"
 
 
 def _print_environment(broker, redis) -> None:

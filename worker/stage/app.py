@@ -63,7 +63,8 @@ async def run_worker(
     server = None
     if settings.metrics.port:
         server = start_metrics_server(settings.metrics.port, metrics, health, host=settings.metrics.host)
-        logger.info("metrics on %s", server.url)
+        logger.info("metrics on %s (listening on %s)", server.url,
+                    "all interfaces" if server.host in ("0.0.0.0", "") else server.host)
     try:
         if engine is None:
             engine = await asyncio.to_thread(build_engine, settings)
