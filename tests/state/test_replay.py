@@ -238,3 +238,28 @@ async def test_ended_streams_release_admission(broker, redis_server, stage_topic
     assert worker.stats.dead_letters == 0
     assert "a" not in worker._engine_streams
     assert "b" not in worker._engine_streams
+
+
+async def test_slotless_and_resident_streams_make_room(broker, redis_server, stage_topics, make_settings,
+                                                       tiny_loaded):
+    """Streams that hold no cache (only reset) or sit idle in the only slot give way to waiting ones.
+
+    With one slot and one host place the worker admits one stream at a time, so every
+    later stream needs the earlier ones dropped to Redis once they are checkpointed.
+    """
+    from tests.stage.conftest import ENGINE_CONFIG
+    from worker.engine import EngineConfig, StreamEngine
+
+    limits = {"max_resident_streams": 1, "max_host_streams": 1}
+    settings = redis_worker_settings(make_settings, redis_server.url)
+    settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=limits)})
+    engine = StreamEngine(tiny_loaded, EngineConfig(**{**ENGINE_CONFIG, **limits}))
+    records = [(stream_id.encode(), json.dumps({"stream_id": stream_id, "action": "reset"}).encode(), None)
+               for stream_id in ("a", "b")]
+    records += [event("c", "A stream with a cache."), event("d", "Another one."),
+                event("d", "It asks for a reply.", generate=True)]
+
+    worker, _hooks = await run_round(broker, settings, engine, records, expected_outputs=len(records))
+
+    assert worker.stats.outputs == len(records)
+    assert worker.stats.dead_letters == 0

@@ -576,8 +576,9 @@ class StageWorker:
         max_host = self.settings.engine.max_host_streams
         # Streams waiting for room need every clean host-tier stream dropped, not a quarter.
         low_watermark = 0.0 if self._waiting_room else 0.75
+        waiting = len(self._waiting_room)
         dropped = await self.runner.call(
-            lambda engine: offload_clean_streams(engine, keep, max_host, low_watermark)
+            lambda engine: offload_clean_streams(engine, keep, max_host, low_watermark, waiting)
         )
         if dropped:
             self._engine_streams.difference_update(dropped)

@@ -8,10 +8,11 @@ The engine keeps a stream's cache in a fixed physical layout of
 
 Token number ``i`` (counting every token written since the stream started or was
 reset) lands in slot ``i`` while ``i < num_sinks`` and in slot
-``num_sinks + (i - num_sinks) % window`` afterwards. Keys are stored before the
-rotary embedding, so a slot's content never changes once written until the ring
-overwrites it. Between two snapshots, only the slots of the tokens written in
-between differ.
+``num_sinks + (i - num_sinks) % window`` afterwards. A key is rotated once when it is
+written, so a slot's content does not change until the ring overwrites it, except that a
+rebase (see ``worker.engine.layout``) rewrites every window slot. Between two snapshots
+of the same ``cache_epoch``, only the slots of the tokens written in between differ; a
+new epoch needs a full base (``snapshots.plan_delta``).
 """
 
 from __future__ import annotations

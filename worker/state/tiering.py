@@ -8,6 +8,9 @@ the only copy; the stage restores such a stream before its next event.
 Only clean streams are dropped: streams with no event applied since their last
 successful checkpoint, so the latest chain in Redis equals the cache in the engine and
 dropping writes nothing. Streams that changed since then wait for the next checkpoint.
+Streams that hold no cache at all (only reset, or one pending token) are dropped once
+clean, and idle resident streams are dropped too while other streams wait for room,
+so that small slot and host settings cannot leave a stream waiting for ever.
 """
 
 from __future__ import annotations
@@ -46,16 +49,33 @@ def plan_redis_offload(
 
 
 def offload_clean_streams(
-    engine: Any, changed: Collection[str], max_host_streams: int, low_watermark: float = 0.75
+    engine: Any, changed: Collection[str], max_host_streams: int, low_watermark: float = 0.75,
+    waiting: int = 0,
 ) -> list[str]:
-    """Drop clean idle host-tier streams from ``engine``; returns their ids.
+    """Drop clean idle streams from ``engine``; returns their ids.
 
-    Must run on the thread that owns the engine. The caller must restore each returned
-    stream from Redis before it submits the stream's next event.
+    Dropped are: host-tier streams down to ``low_watermark``; streams the engine knows
+    but that hold neither a slot nor a host copy (a stream that was only reset, or whose
+    only token is still pending); and, while ``waiting`` streams wait for room, as many
+    clean idle resident streams, least recently used first. Must run on the thread that
+    owns the engine. The caller must restore each returned stream from Redis before it
+    submits the stream's next event.
     """
     host = engine.host_stream_ids()
     busy = {stream_id for stream_id in host if not engine.is_idle(stream_id)}
     chosen = plan_redis_offload(host, changed, busy, max_host_streams, low_watermark)
+    resident = engine.resident_stream_ids()
+    placed = set(host) | set(resident)
+    for stream_id in engine.known_streams():
+        if stream_id not in placed and stream_id not in changed and engine.is_idle(stream_id):
+            chosen.append(stream_id)
+    needed = waiting - len(chosen)
+    for stream_id in resident:
+        if needed <= 0:
+            break
+        if stream_id not in changed and engine.is_idle(stream_id):
+            chosen.append(stream_id)
+            needed -= 1
     for stream_id in chosen:
         engine.drop_stream(stream_id)
     return chosen
