@@ -194,6 +194,8 @@ def test_produce_empty_text_rejected_sends_nothing(broker, new_topics, capsys):
         (("--generate", "hi", "--max-new-tokens", "0"), "reason invalid_max_new_tokens"),
         (("x" * 40_000,), "reason text_too_large"),
         (("a\udcffb",), "TEXT contains bytes that are not valid UTF-8"),
+        (("--action", "append", "--generate", "hi"), "--generate conflicts with --action append"),
+        (("--action", "reset", "--max-new-tokens", "5"), "need --generate"),
     ],
 )
 def test_produce_dead_letter_input_rejected(broker, new_topics, capsys, extra, message):
@@ -218,6 +220,18 @@ def test_produce_bad_stream_rejected(broker, new_topics, capsys, stream_id, mess
 
     assert exit_code == 2
     assert message in err
+
+
+def test_produce_file_not_utf8_names_line(broker, new_topics, capsys, tmp_path):
+    (topic,) = new_topics("events", create=False)
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"first line\nsecond \xe9t\xe9\n")
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "s", "--file", str(path))
+
+    assert exit_code == 2
+    assert f"--file {path}: line 2 is not valid UTF-8" in err
 
 
 def test_produce_no_check_sends_invalid_event(broker, new_topics, capsys):

@@ -156,10 +156,13 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     settings = load_tool_settings(args)
+    if args.generate and args.action not in (None, "generate"):
+        raise ConfigError(f"--generate conflicts with --action {args.action}; drop one of them")
     action = args.action or ("generate" if args.generate else None)
     as_json = args.json or args.via_router or action is not None or args.role is not None
-    if action is None and (args.max_new_tokens or args.temperature is not None or args.seed is not None):
-        raise ConfigError("--max-new-tokens, --temperature and --seed need --generate")
+    sampling = args.max_new_tokens is not None or args.temperature is not None or args.seed is not None
+    if action != "generate" and sampling:
+        raise ConfigError("--max-new-tokens, --temperature and --seed need --generate (or --action generate)")
     topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
     if not args.stream:
         raise ConfigError("--stream is empty; pass a non-empty stream id")
@@ -216,8 +219,19 @@ def _event_texts(args: argparse.Namespace) -> Iterator[str | None]:
     if args.text:
         yield from args.text
     elif args.file:
-        with open(args.file, encoding="utf-8") as lines:
-            yield from (line for line in lines if line.strip())
+        # Read bytes and decode line by line, so that an error can name the line.
+        with open(args.file, "rb") as raw_lines:
+            for number, raw in enumerate(raw_lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ConfigError(
+                        f"--file {args.file}: line {number} is not valid UTF-8; convert the file to UTF-8"
+                    ) from None
+                if line.endswith("\r\n"):
+                    line = line[:-2] + "\n"  # as text mode reads it
+                if line.strip():
+                    yield line
     elif not sys.stdin.isatty():
         yield from (line for line in sys.stdin if line.strip())
 
