@@ -54,8 +54,8 @@ def offload_clean_streams(
 ) -> list[str]:
     """Drop clean idle streams from ``engine``; returns their ids.
 
-    Dropped are: host-tier streams down to ``low_watermark``; streams the engine knows
-    but that hold neither a slot nor a host copy (a stream that was only reset, or whose
+    Dropped are: host-tier streams down to ``low_watermark``; streams the engine tracks
+    that hold neither a slot nor a host copy (a stream that was only reset, or whose
     only token is still pending); and, while ``waiting`` streams wait for room, as many
     clean idle resident streams, least recently used first. Must run on the thread that
     owns the engine. The caller must restore each returned stream from Redis before it
