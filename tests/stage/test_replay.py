@@ -31,7 +31,7 @@ def test_history_whole_partition_kept_complete():
 def test_history_retention_without_reset_incomplete():
     history = history_of(40, ["append", "generate"])
     assert not history.complete
-    assert ReplayOutcome.of(history).complete is False
+    assert ReplayOutcome(history).complete is False
 
 
 def test_history_retention_keeps_from_last_restart():

@@ -41,10 +41,10 @@ class ReplayError(SinkstreamError):
 class StreamHistory:
     """The events of one stream read back from a partition, oldest first.
 
-    The history is complete when it contains every event that shaped the stream's cache:
-    either the partition still contains its first event ever (``beginning_offset == 0``),
-    or the history starts with a ``reset`` or ``end`` event, which makes the cache
-    independent of the events before it. With ``beginning_offset > 0`` only the events
+    The history is complete when it contains every event that shaped the stream's cache.
+    That is the case when the partition still contains its first event ever
+    (``beginning_offset == 0``), or when the history starts with a ``reset`` or ``end``
+    event, because such an event makes the cache independent of the events before it. With ``beginning_offset > 0`` only the events
     from the last ``reset`` or ``end`` on are kept, because earlier ones cannot matter.
     """
 
@@ -79,27 +79,31 @@ class StreamHistory:
 class ReplayOutcome:
     """Result of replaying one stream; the engine ran the events only when ``complete``."""
 
-    stream_id: str
-    beginning_offset: int  # of the partition when it was read
-    end_offset: int  # events below it were read
-    complete: bool
+    history: StreamHistory
     num_events: int = 0  # events run through the engine
     num_failed: int = 0  # of those, events the engine returned an error for
-    first_offset: int | None = None
-    last_offset: int | None = None
     abandoned: bool = False  # the partition was revoked during the replay
 
-    @classmethod
-    def of(cls, history: StreamHistory) -> ReplayOutcome:
-        """Return the outcome of ``history`` before any event ran."""
-        return cls(
-            stream_id=history.stream_id,
-            beginning_offset=history.beginning_offset,
-            end_offset=history.end_offset,
-            complete=history.complete,
-            first_offset=history.first_offset,
-            last_offset=history.last_offset,
-        )
+    @property
+    def stream_id(self) -> str:
+        return self.history.stream_id
+
+    @property
+    def beginning_offset(self) -> int:
+        """Beginning offset of the partition when it was read."""
+        return self.history.beginning_offset
+
+    @property
+    def complete(self) -> bool:
+        return self.history.complete
+
+    @property
+    def first_offset(self) -> int | None:
+        return self.history.first_offset
+
+    @property
+    def last_offset(self) -> int | None:
+        return self.history.last_offset
 
 
 class PartitionReader:

@@ -49,6 +49,11 @@ ACK_WAIT_S = 30.0  # maximum seconds a checkpoint waits for the outputs it cover
 REPLAY_IN_FLIGHT = 2
 
 
+def record_request_id(tp: TopicPartition, offset: int) -> str:
+    """Return the engine request id of the record at ``offset`` of ``tp``, live or replayed."""
+    return f"{tp.topic}/{tp.partition}/{offset}"
+
+
 @dataclass
 class PendingEvent:
     """A valid event between fetch and done."""
@@ -68,7 +73,7 @@ class PendingEvent:
     @property
     def request_id(self) -> str:
         """The engine's event id; unique per record, unlike the producer's event id."""
-        return f"{self.tp.topic}/{self.tp.partition}/{self.offset}"
+        return record_request_id(self.tp, self.offset)
 
 
 @dataclass
@@ -201,7 +206,7 @@ class StageWorker:
             self.settings.kafka.aiokafka_kwargs(), tp, stream_id, end_offset,
             lambda record: messages.parse_record(record, self._limits, self._stage.raw_action),
         )
-        outcome = replay.ReplayOutcome.of(history)
+        outcome = replay.ReplayOutcome(history)
         if not history.complete or not history.events:
             return outcome
         if state is None or self._partitions.get(tp) is not state:
@@ -221,7 +226,7 @@ class StageWorker:
             if self._partitions.get(state.tp) is not state:
                 outcome.abandoned = True
                 break
-            request_id = f"{state.tp.topic}/{state.tp.partition}/{event.offset}"  # as PendingEvent.request_id
+            request_id = record_request_id(state.tp, event.offset)
             future = loop.create_future()
             self._replaying[request_id] = future
             self.runner.submit(messages.to_request(event, request_id))
@@ -564,7 +569,7 @@ class StageWorker:
             await self._offload_clean_streams()
 
     async def _offload_clean_streams(self) -> None:
-        """Drop idle host-tier streams whose latest snapshot equals their cache (the Redis tier)."""
+        """Drop clean idle streams to the Redis tier and release the places of ended streams."""
         keep = set(self._waiting_room)
         for state in self._partitions.values():
             keep.update(state.changed_streams)
@@ -577,8 +582,9 @@ class StageWorker:
         # Streams waiting for room need every clean host-tier stream dropped, not a quarter.
         low_watermark = 0.0 if self._waiting_room else 0.75
         waiting = len(self._waiting_room)
-        dropped = await self.runner.call(
-            lambda engine: offload_clean_streams(engine, keep, max_host, low_watermark, waiting)
+        dropped, known = await self.runner.call(
+            lambda engine: (offload_clean_streams(engine, keep, max_host, low_watermark, waiting),
+                            set(engine.known_streams()))
         )
         if dropped:
             self._engine_streams.difference_update(dropped)
@@ -586,7 +592,6 @@ class StageWorker:
             logger.debug("dropped %d clean idle streams to the Redis tier: %s", len(dropped), dropped)
         # Streams that ended have left the engine. Once their end is checkpointed, their
         # snapshot is deleted and they are not in keep, so they give back their admission place.
-        known = set(await self.runner.call(lambda engine: engine.known_streams()))
         ended = {stream_id for stream_id in self._engine_streams if stream_id not in known and stream_id not in keep}
         if ended:
             self._engine_streams.difference_update(ended)
