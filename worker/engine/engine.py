@@ -209,9 +209,11 @@ class StreamEngine:
         self._order: dict[int, int] = {}
         self.last_step_stats = StepStats(slots_total=config.max_resident_streams)
         logger.info(
-            "engine ready: %d slots of %.1f MiB (%d sinks + %d window tokens), dtype %s, model %s",
+            "engine ready: %d slots of %.1f MiB (%d sinks + %d window tokens), dtype %s, model %s, "
+            "linear weights %s",
             config.max_resident_streams, self.slot_bytes / 2**20, config.sink_tokens,
             config.window_tokens, config.dtype, loaded.fingerprint,
+            "prepacked for oneDNN" if self.forward.prepacked else "not prepacked",
         )
 
     # ----------------------------------------------------------------- requests

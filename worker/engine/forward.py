@@ -183,7 +183,6 @@ class Linear:
         self.packed = _pack(self.weight) if prepack else None
         if self.packed is not None:
             self.weight = None  # the packed copy replaces the fused one
-        self.out_features = sum(weight.shape[0] for weight in weights)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -451,20 +450,12 @@ class BatchedForward:
 
         lo, hi, used = decode["lo"], decode["hi"], decode["used"]
         shape = (num_decode, num_kv, group, spec.head_dim)
-        query = rotated[:, :num_heads].reshape(shape)
-        if decode["local"] is not None:
-            scattered = q.new_zeros((hi - lo, num_kv, group, spec.head_dim))
-            scattered[decode["local"]] = query
-            query = scattered
+        query = self._to_slot_rows(rotated[:, :num_heads].reshape(shape), decode)
         # One matmul reads every decoding slot's keys once: [slots, kv_heads, group, used].
         scores = torch.matmul(query, keys[lo:hi, :, :used].transpose(-1, -2))
         if decode["sink_fix"]:
             sinks = min(self.sink_tokens, used)
-            sink_query = rotated[:, num_heads + num_kv:].reshape(shape)
-            if decode["local"] is not None:
-                scattered = q.new_zeros((hi - lo, num_kv, group, spec.head_dim))
-                scattered[decode["local"]] = sink_query
-                sink_query = scattered
+            sink_query = self._to_slot_rows(rotated[:, num_heads + num_kv:].reshape(shape), decode)
             scores[..., :sinks] = torch.matmul(sink_query, keys[lo:hi, :, :sinks].transpose(-1, -2))
         if self.query_scale == 1.0:
             scores = scores.float().mul_(scale)
@@ -475,6 +466,15 @@ class BatchedForward:
         if decode["local"] is not None:
             out = out[decode["local"]]
         return out.reshape(num_decode, spec.num_heads * spec.head_dim)
+
+    @staticmethod
+    def _to_slot_rows(query: torch.Tensor, decode: dict) -> torch.Tensor:
+        """Return ``query`` (one row per decoding stream) as one row per slot of ``[lo, hi)``, zeros elsewhere."""
+        if decode["local"] is None:
+            return query
+        scattered = query.new_zeros((decode["hi"] - decode["lo"], *query.shape[1:]))
+        scattered[decode["local"]] = query
+        return scattered
 
     def _item_attention(self, layer_index, item, prep, q, k, v, scale) -> torch.Tensor:
         """Attention of one item's new tokens ``q``, ``k``, ``v`` ``[num_new, heads, head_dim]``."""
