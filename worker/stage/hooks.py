@@ -65,8 +65,8 @@ class StageHandle(Protocol):
         """Rebuild ``stream_id`` from its events on ``tp`` below ``end_offset``, publishing nothing.
 
         The engine runs the events only when the partition still contains the complete
-        history (see :class:`worker.stage.replay.StreamHistory`); otherwise the stream is
-        left untouched and the outcome says so.
+        history (see :class:`worker.stage.replay.StreamHistory`). Otherwise the stream is
+        left untouched and the outcome's ``complete`` is False.
         """
 
 

@@ -376,9 +376,9 @@ class RedisStateHooks:
                 lost_below = await self._stage.committed_offset(tp) or 0
                 if lost_below > 0:
                     logger.warning(
-                        "Redis holds no checkpoint marker for %s[%d] although the group committed offset %d: its "
-                        "snapshots were lost or never stored under prefix %r; streams with records below that offset "
-                        "and no snapshot follow on_rejected=%s",
+                        "checkpoint marker of %s[%d] not found in Redis although the group committed offset %d, "
+                        "so its snapshots were lost or never stored under prefix %r. Streams with records below "
+                        "that offset and no snapshot follow on_rejected=%s",
                         tp.topic, tp.partition, lost_below, self.store.prefix, self.config.on_rejected,
                     )
             if lost_below != partition.lost_below:
