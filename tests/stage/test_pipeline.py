@@ -28,8 +28,8 @@ def mixed_events(num_streams: int, events_per_stream: int):
     return records
 
 
-def engine_alone_outputs(make_engine, settings, records, topic, partition=0, request_id=None):
-    """Run the same events through a fresh engine without Kafka; return texts per stream.
+def engine_alone_results(make_engine, settings, records, topic, partition=0, request_id=None):
+    """Run the same events through a fresh engine without Kafka; return its results per stream.
 
     ``records`` is a list of ``(key, value, headers)`` at offsets 0, 1, ... or a mapping
     from offset to such a triple. ``request_id(offset)`` names each request (default
@@ -45,10 +45,16 @@ def engine_alone_outputs(make_engine, settings, records, topic, partition=0, req
         event = messages.parse_event(key, value, headers, topic, partition, offset, limits,
                                      raw_action=settings.stage.raw_action)
         engine.submit(messages.to_request(event, request_id(offset) if request_id else f"e{offset}"))
-    texts: dict[str, list[str]] = {}
+    results: dict[str, list] = {}
     for result in engine.run_until_idle():
-        texts.setdefault(result.stream_id, []).append(result.text)
-    return texts
+        results.setdefault(result.stream_id, []).append(result)
+    return results
+
+
+def engine_alone_outputs(make_engine, settings, records, topic, partition=0, request_id=None):
+    """As ``engine_alone_results``, but only the texts."""
+    results = engine_alone_results(make_engine, settings, records, topic, partition, request_id)
+    return {stream_id: [result.text for result in stream] for stream_id, stream in results.items()}
 
 
 async def test_pipeline_twenty_streams_outputs_match_engine(broker, stage_topics, make_settings, make_engine):

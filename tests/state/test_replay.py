@@ -16,7 +16,7 @@ import uuid
 from prometheus_client import CollectorRegistry
 
 from tests.stage.conftest import consume, make_engine, make_settings, produce, stage_topics  # noqa: F401
-from tests.stage.test_pipeline import engine_alone_outputs
+from tests.stage.test_pipeline import engine_alone_results
 from worker.devservices import start_redis
 from worker.metrics import WorkerMetrics
 from worker.stage.worker import StageWorker
@@ -56,13 +56,18 @@ def redis_worker_settings(make_settings, redis_url: str, on_rejected: str = "rep
     )
 
 
-def reference_texts(make_engine, settings, records_by_offset: dict[int, tuple], topic: str) -> dict[str, list[str]]:
-    """Run records of the test partition, keyed by offset, through a fresh engine; return texts per stream.
+def reference_results(make_engine, settings, records_by_offset: dict[int, tuple], topic: str) -> dict[str, list]:
+    """Run records of the test partition, keyed by offset, through a fresh engine; return results per stream.
 
     Request ids are the stage's, so seeded sampling draws what the stage draws.
     """
-    return engine_alone_outputs(make_engine, settings, records_by_offset, topic, partition=PARTITION,
+    return engine_alone_results(make_engine, settings, records_by_offset, topic, partition=PARTITION,
                                 request_id=lambda offset: f"{topic}/{PARTITION}/{offset}")
+
+
+def reference_texts(make_engine, settings, records_by_offset: dict[int, tuple], topic: str) -> dict[str, list[str]]:
+    results = reference_results(make_engine, settings, records_by_offset, topic)
+    return {stream_id: [result.text for result in stream] for stream_id, stream in results.items()}
 
 
 async def run_round(broker, settings, engine, records, expected_outputs: int, metrics=None):
@@ -161,12 +166,15 @@ async def test_reset_rejected_snapshot_counted(broker, redis_server, stage_topic
     assert len(outputs) == len(records)
     # Stream s lost its history, so its generate runs on an empty cache. Its offset stays 5, so the
     # seeded draw is the one the full run makes.
-    full_history = reference_texts(make_engine, settings, dict(enumerate(records)), stage_topics.events)
-    only_last = reference_texts(make_engine, settings, {len(FIRST_ROUND): SECOND_ROUND[0]}, stage_topics.events)
-    texts = texts_by_stream(outputs)
-    assert texts["s"][-1] == only_last["s"][0]
-    assert texts["s"][-1] != full_history["s"][-1], "the tiny model gives the same text with and without history"
-    assert texts["other"] == full_history["other"]
+    full_history = reference_results(make_engine, settings, dict(enumerate(records)), stage_topics.events)
+    only_last = reference_results(make_engine, settings, {len(FIRST_ROUND): SECOND_ROUND[0]}, stage_topics.events)
+    last = [body for body in outputs if body["stream_id"] == "s"][-1]
+    # The tiny random model may sample the same text with and without history, so the cache
+    # size is what tells the two apart.
+    assert last["text"] == only_last["s"][0].text
+    assert last["tokens"]["cached"] == only_last["s"][0].cached_tokens
+    assert last["tokens"]["cached"] < full_history["s"][-1].cached_tokens
+    assert texts_by_stream(outputs)["other"] == [result.text for result in full_history["other"]]
 
     assert hooks.stats.rejected == {"checksum": 1}
     assert hooks.stats.resets == 1
