@@ -255,11 +255,13 @@ async def _handle_output(body, producer, topic, turns, answered, args, progress)
         chapter = body["event_id"].rsplit("-", 1)[-1]
         key = f"{stream_id}#{chapter}"
         label = f"{stream_id} after chapter {chapter} ({tokens['evicted']} tokens evicted so far)"
+        question = BOOK_PROMPT
     else:
         turn = answered.get(stream_id, 0) + 1
         answered[stream_id] = turn
         key = f"{stream_id}#{turn}"
         label = f"{stream_id} turn {turn}"
+        question = turns[stream_id][turn - 1] if turn <= len(turns[stream_id]) else ""
         if turn == 1:
             progress.sent_at[f"{stream_id}#2"] = time.monotonic()
             await _send(producer, topic, stream_id, {"action": "generate", "role": "user", "text": turns[stream_id][1],
@@ -268,8 +270,15 @@ async def _handle_output(body, producer, topic, turns, answered, args, progress)
     if sent_at is not None:
         progress.reply_latencies_s.append(time.monotonic() - sent_at)
     if not args.quiet:
-        text = " ".join(body["text"].split())
-        print(f"[{time.monotonic() - progress.started:6.1f}s] {label}: {text[:160]}", flush=True)
+        print(f"[{time.monotonic() - progress.started:6.1f}s] {label}\n"
+              f"    asked:   {_one_line(question, 150)}\n"
+              f"    replied: {_one_line(body['text'], 150)}", flush=True)
+
+
+def _one_line(text: str, limit: int) -> str:
+    """``text`` on one line, cut at ``limit`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 async def _stop_worker(worker_task: asyncio.Task, created: asyncio.Future):
