@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     configure_openmp_waiting()  # before any command imports torch
+    # Progress bars of model loading interleave with the log lines of a service; the
+    # environment can turn them back on. Read when huggingface_hub is imported.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)

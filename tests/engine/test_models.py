@@ -76,3 +76,16 @@ def test_engine_cache_beyond_sliding_window_rejected(tokenizer):
     StreamEngine(loaded, EngineConfig(sink_tokens=4, window_tokens=28, prefill_chunk_tokens=8))
     with pytest.raises(UnsupportedModelError, match="sliding-window attention of 32 tokens"):
         StreamEngine(loaded, EngineConfig(sink_tokens=4, window_tokens=60, prefill_chunk_tokens=8))
+
+
+def test_models_bpe_cleanup_off_keeps_decoded_text():
+    """Loading turns off the clean-up transformers skips for BPE, so decoding warns no more and reads the same."""
+    from tests.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    assert tokenizer.clean_up_tokenization_spaces, "the SmolLM2 tokenizer config turns the clean-up on"
+    ids = tokenizer.encode("Call me Ishmael . Some years ago , never mind how long !")
+    before = tokenizer.decode(ids)
+    load_from_model(tiny_model("llama"), tokenizer)
+    assert tokenizer.clean_up_tokenization_spaces is False
+    assert tokenizer.decode(ids) == before == "Call me Ishmael . Some years ago , never mind how long !"

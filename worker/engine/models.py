@@ -241,6 +241,17 @@ def parse_device(name: str) -> torch.device:
     return device
 
 
+def _quiet_bpe_cleanup(tokenizer) -> None:
+    """Turn off the space clean-up that transformers skips for BPE tokenizers anyway.
+
+    transformers does not apply it to BPE (it would drop spaces before punctuation) but
+    warns on the first decode of every process while it is on. Decoded text is unchanged.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
@@ -279,6 +290,7 @@ def load_model(
     config = AutoConfig.from_pretrained(directory, local_files_only=True, **gguf_kwargs)
     family = check_architecture(config, capacity)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **gguf_kwargs)
+    _quiet_bpe_cleanup(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         directory, local_files_only=True, dtype=torch_dtype, **gguf_kwargs
     )
@@ -307,6 +319,7 @@ def load_model(
 def load_from_model(model: Any, tokenizer: Any, capacity: int | None = None) -> LoadedModel:
     """Wrap an in-memory transformers model (tests build tiny random ones)."""
     family = check_architecture(model.config, capacity)
+    _quiet_bpe_cleanup(tokenizer)
     model.eval()
     model.requires_grad_(False)
     parameter = next(model.parameters())
