@@ -370,3 +370,60 @@ def test_dev_up_busy_port_fails_with_hint():
         )
     assert result.returncode != 0
     assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+
+
+def test_produce_no_check_sends_empty_text(broker, new_topics, capsys):
+    (topic,) = new_topics("events", partitions=1)
+
+    exit_code, _ = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                  topic, "--stream", "s", "--no-check", "")
+    (record,) = run_coroutine(_read_all(broker.bootstrap_servers, topic, 1))
+
+    assert exit_code == 0
+    assert record.value == b""
+
+
+def test_produce_event_json_sent_unchanged(broker, new_topics, capsys, tmp_path):
+    (topic,) = new_topics("events", partitions=1)
+    events = ['{"action": "generate", "text": "Hi", "generate": {"max_new_tokens": 3, "seed": 9}}',
+              '{"action": "reset"}']
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(events) + "\n\n")
+
+    exit_code, _ = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                  topic, "--stream", "s", "--event-json", "--file", str(path))
+    records = run_coroutine(_read_all(broker.bootstrap_servers, topic, 2))
+    parsed = [parse_event(record.key, record.value, record.headers, topic, 0, record.offset, EventLimits())
+              for record in records]
+
+    assert exit_code == 0
+    assert [record.value.decode() for record in records] == events
+    assert [record.key for record in records] == [b"s", b"s"]
+    assert [event.action for event in parsed] == ["generate", "reset"]
+    assert parsed[0].generate.seed == 9
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (('{"action": "explode", "text": "x"}',), "reason unknown_action"),
+        (("not json",), "would go to the dead-letter topic"),
+        (("--generate", '{"text": "x"}'), "--event-json conflicts with --generate"),
+    ],
+)
+def test_produce_event_json_rejected(broker, new_topics, capsys, extra, message):
+    (topic,) = new_topics("events", create=False)
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "s", "--event-json", *extra)
+
+    assert exit_code == 2
+    assert message in err
+
+
+def test_produce_unreachable_broker_names_broker(capsys):
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", "127.0.0.1:1", "--stream", "s", "hi")
+
+    assert exit_code == 2
+    assert "check the broker address" in err
+    assert "REDIS" not in err

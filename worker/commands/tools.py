@@ -52,6 +52,15 @@ def _add_kafka_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _quiet_client_info() -> None:
+    """Drop aiokafka's INFO lines (subscriptions, metadata changes), which mean nothing to a user of a tool.
+
+    Warnings and errors still show, and ``--log-level DEBUG`` shows everything.
+    """
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
 def load_tool_settings(args: argparse.Namespace, **sections: dict[str, Any]):
     """Build ``TopologySettings`` from the environment, the Kafka flags and ``sections``."""
     from pydantic import ValidationError
@@ -122,13 +131,19 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
         help="send text to a stream",
         description="Send events to a stream: each TEXT argument is one event; with --file or on stdin, each "
         "line (with its newline) is one event, and blank lines are skipped. Raw events are plain UTF-8 text keyed "
-        "by the stream id; --json sends JSON events. An empty TEXT is an error, except with --generate, where it "
-        "requests a reply without new text.",
+        "by the stream id, sent with a text/plain content type so that text which looks like JSON stays text. "
+        "--json builds JSON events from the options below; --event-json sends JSON events written by hand. An empty "
+        "TEXT is an error, except with --generate, where it requests a reply without new text, and with --no-check.",
     )
     produce.add_argument("text", nargs="*", metavar="TEXT", help="event texts; none reads --file or stdin")
     produce.add_argument("--stream", required=True, metavar="ID", help="stream id, the record key")
     produce.add_argument("--file", metavar="PATH", help="read events from this file, one per line")
     produce.add_argument("--json", action="store_true", help="send JSON events instead of raw text")
+    produce.add_argument(
+        "--event-json",
+        action="store_true",
+        help="each TEXT or line is a whole JSON event (see docs/messages.md), sent unchanged as the record value",
+    )
     produce.add_argument(
         "--generate", action="store_true", help="ask for a reply after each event (implies --json)"
     )
@@ -156,6 +171,9 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_produce(args: argparse.Namespace) -> int:
     settings = load_tool_settings(args)
+    _quiet_client_info()
+    if args.event_json:
+        return _produce_event_json(settings, args)
     if args.generate and args.action not in (None, "generate"):
         raise ConfigError(f"--generate conflicts with --action {args.action}; drop one of them")
     action = args.action or ("generate" if args.generate else None)
@@ -176,6 +194,40 @@ def run_produce(args: argparse.Namespace) -> int:
     if not args.no_check:
         _check_records(settings, args, records, topic)
     return asyncio.run(_send_records(settings.kafka, topic, records))
+
+
+def _produce_event_json(settings: Any, args: argparse.Namespace) -> int:
+    """Send each TEXT or line unchanged as a JSON event value, keyed by --stream (no key with --via-router)."""
+    event_options = {
+        "--json": args.json, "--generate": args.generate, "--action": args.action, "--role": args.role,
+        "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature, "--seed": args.seed,
+    }
+    conflicting = [name for name, value in event_options.items() if value not in (None, False)]
+    if conflicting:
+        raise ConfigError(
+            f"--event-json conflicts with {', '.join(conflicting)}: write those fields into the JSON event, "
+            "or drop --event-json"
+        )
+    if not args.stream:
+        raise ConfigError("--stream is empty; pass a non-empty stream id")
+    texts = [text.strip() for text in _event_texts(args)]
+    if not texts:
+        raise ConfigError("no events to send: give TEXT arguments, --file PATH, or lines on stdin")
+    key = None if args.via_router else _encode_utf8(args.stream, "--stream")
+    records = [(key, _encode_utf8(text, "TEXT"), [("content-type", b"application/json")]) for text in texts]
+    topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
+    if not args.no_check:
+        _check_records(settings, args, records, topic)
+    return asyncio.run(_send_records(settings.kafka, topic, records))
+
+
+def _encode_utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{name} contains bytes that are not valid UTF-8; pass UTF-8 text, or use --file with a UTF-8 file"
+        ) from None
 
 
 def _check_records(settings: Any, args: argparse.Namespace, records: list, topic: str) -> None:
@@ -205,8 +257,8 @@ def _check_event_texts(args: argparse.Namespace, texts: list[str | None], action
         if args.role:
             raise ConfigError(f"--action {action} takes no --role; drop --role {args.role}")
         return
-    if action == "generate":
-        return  # the worker reads an empty text as a request for a reply with no new text
+    if action == "generate" or args.no_check:
+        return  # the worker reads an empty generate text as a request for a reply with no new text
     for position, text in enumerate(texts, start=1):
         if not text:
             raise ConfigError(
@@ -240,12 +292,7 @@ def _produce_record(
     args: argparse.Namespace, text: str | None, action: str | None, as_json: bool
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
     for name, value in (("--stream", args.stream), ("TEXT", text), ("--role", args.role)):
-        try:
-            (value or "").encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(
-                f"{name} contains bytes that are not valid UTF-8; pass UTF-8 text, or use --file with a UTF-8 file"
-            ) from None
+        _encode_utf8(value or "", name)
     key = None if args.via_router else args.stream.encode("utf-8")
     if not as_json:
         # The header keeps text that happens to look like a JSON event from being read as one.
@@ -304,6 +351,7 @@ def _add_tail_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_tail(args: argparse.Namespace) -> int:
     settings = load_tool_settings(args)
+    _quiet_client_info()
     topic = args.topic or (settings.kafka.dlq_topic if args.dlq else settings.kafka.outputs_topic)
     try:
         return asyncio.run(_tail(settings.kafka, topic, args))
