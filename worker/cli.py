@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("sinkstream").debug("command failed", exc_info=True)
             # aiokafka's messages start with the class name already.
             message = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
-            print(f"error: {message}; check the broker and Redis addresses "
-                  f"(--bootstrap-servers, SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS, SINKSTREAM_REDIS__URL)",
-                  file=sys.stderr)
+            if type(exc).__module__.startswith("redis"):
+                hint = "check the Redis URL (SINKSTREAM_REDIS__URL, --redis-url or --redis.url)"
+            else:
+                hint = "check the broker address (--bootstrap-servers or SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS)"
+            print(f"error: {message}; {hint}", file=sys.stderr)
             return 2
         raise
     return int(result or 0)
