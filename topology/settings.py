@@ -28,12 +28,14 @@ class KafkaSettings(BaseModel):
         "127.0.0.1:9092", description="comma-separated host:port list of brokers to bootstrap from"
     )
     client_id: str = Field("sinkstream", min_length=1, description="client id sent to the brokers")
-    security_protocol: SecurityProtocol = "PLAINTEXT"
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
     sasl_mechanism: SaslMechanism | None = Field(
         None, description="SASL mechanism; required when security_protocol is SASL_PLAINTEXT or SASL_SSL"
     )
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password; prefer the environment variable to a flag")
     ssl_cafile: Path | None = Field(None, description="CA bundle that verifies the brokers' certificates")
     ssl_certfile: Path | None = Field(None, description="client certificate for mutual TLS")
     ssl_keyfile: Path | None = Field(None, description="private key of ssl_certfile")

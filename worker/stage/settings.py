@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from topology.schemas import EventLimits
@@ -52,11 +53,13 @@ class RedisSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
-    password: SecretStr | None = None
+    password: SecretStr | None = Field(None, description="Redis AUTH password, when the URL carries none")
     tls: bool = Field(False, description="connect with TLS (also implied by a rediss:// URL)")
-    ssl_ca_certs: Path | None = None
+    ssl_ca_certs: Path | None = Field(None, description="CA bundle that verifies the Redis server's certificate")
     key_prefix: str = Field("sinkstream:", description="prefix of every key this worker writes")
-    socket_timeout_s: float = Field(5.0, gt=0, le=300)
+    socket_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="seconds a Redis command may take, a whole multi-chunk reply included"
+    )
 
 
 class EngineSettings(BaseModel):
@@ -64,12 +67,19 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_path: Path = Field(default_factory=default_model_dir)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    model_path: Path = Field(
+        default_factory=default_model_dir,
+        description="local Hugging Face model directory or .gguf file; unset means the fetched SmolLM2",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights and cache dtype: float32, bfloat16 or float16"
+    )
     device: str = Field("cpu", description="torch device, for example cpu or cuda:0")
-    sink_tokens: int = Field(4, ge=0, le=1024)
-    window_tokens: int = Field(2044, ge=16, le=1_048_576)
-    prefill_chunk_tokens: int = Field(256, ge=1, le=65_536)
+    sink_tokens: int = Field(4, ge=0, le=1024, description="first tokens of a stream kept for ever (attention sinks)")
+    window_tokens: int = Field(2044, ge=16, le=1_048_576, description="most recent tokens kept after the sinks")
+    prefill_chunk_tokens: int = Field(
+        256, ge=1, le=65_536, description="maximum tokens of one event in one forward"
+    )
     max_resident_streams: int = Field(64, ge=1, le=65_536, description="cache slots on the device")
     max_host_streams: int = Field(1024, ge=0, le=1_048_576, description="streams parked in host memory")
     max_batch_tokens: int = Field(2048, ge=1, le=1_048_576, description="tokens per engine step")
@@ -143,7 +153,7 @@ class MetricsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "0.0.0.0"
+    host: str = Field("0.0.0.0", description="interface the server listens on; 0.0.0.0 means all")
     port: int = Field(9400, ge=0, le=65_535, description="0 disables the server")
     stuck_after_s: float = Field(
         120.0, gt=0,
@@ -218,8 +228,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{section} settings")
         for name, field in section_field.annotation.model_fields.items():
             env_name = f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
-            help_text = field.description or ""
-            help_text = f"{help_text} (env {env_name})".strip()
+            shown_default = "" if field.default in (None, PydanticUndefined) else f"default {field.default}, "
+            help_text = f"{field.description or ''} ({shown_default}env {env_name})".strip()
             group.add_argument(
                 flag_name(section, name),
                 dest=f"settings:{section}:{name}",
