@@ -193,7 +193,7 @@ async def create_topics(
                 spec.name, result.partitions, spec.partitions, result.partitions,
             )
         elif not result.created:
-            logger.info("topic %s exists with %d partitions", spec.name, result.partitions)
+            logger.info("topic %s exists, partitions: %d", spec.name, result.partitions)
         results.append(result)
     return results
 

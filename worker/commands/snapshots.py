@@ -29,11 +29,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=run_snapshots_command)
 
     show = actions.add_parser("show", help="print a stream's chains and the header of each record")
-    show.add_argument("stream_id")
+    show.add_argument("stream_id", help="stream id, the record key of its events")
     show.set_defaults(func=run_snapshots_command)
 
-    rm = actions.add_parser("rm", help="delete a stream's snapshot; its next owner starts it from an empty cache")
-    rm.add_argument("stream_id", nargs="+")
+    rm = actions.add_parser(
+        "rm",
+        help="delete a stream's snapshot; its next owner starts it from an empty cache",
+        description="Delete the snapshots of the given streams. A worker that owns a stream keeps its cache in memory "
+        "and writes a new snapshot at its next checkpoint, so stop the workers of the stream's partition first. "
+        "The next owner then starts the stream from an empty cache.",
+    )
+    rm.add_argument("stream_id", nargs="+", help="stream ids, the record keys of their events")
     rm.set_defaults(func=run_snapshots_command)
 
 

@@ -642,10 +642,18 @@ class StageWorker:
         try:
             deadline = time.monotonic() + ACK_WAIT_S
             while any(self._dispatcher.in_flight(stream_id) for stream_id in stream_ids):
-                if self._stop.is_set() or time.monotonic() >= deadline:
-                    # Skipping is safe: nothing is committed, the next checkpoint tries again.
-                    logger.warning("checkpoint of %s at offset %d skipped: its streams were still busy after %.0f s",
-                                   _tp_name(state.tp), next_offset, ACK_WAIT_S)
+                # Skipping is safe: nothing is committed, the next checkpoint tries again.
+                if self._stop.is_set():
+                    logger.info("checkpoint of %s at offset %d skipped: the worker is stopping",
+                                _tp_name(state.tp), next_offset)
+                    return False
+                if time.monotonic() >= deadline:
+                    busy = sum(1 for stream_id in stream_ids if self._dispatcher.in_flight(stream_id))
+                    logger.warning(
+                        "checkpoint of %s at offset %d postponed: %d of its %d changed streams still had events in "
+                        "the engine after %.0f s, so the engine is behind; the offset is committed at a later "
+                        "checkpoint", _tp_name(state.tp), next_offset, busy, len(stream_ids), ACK_WAIT_S,
+                    )
                     return False
                 await self._wait_progress(0.05)
             # Step 1. Flush the producer: the outputs of the quiesced streams are acknowledged.

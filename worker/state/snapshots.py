@@ -127,7 +127,8 @@ class StreamSnapshotter:
             if exc.current is not None or previous is None:
                 raise
             logger.warning(
-                "the snapshot chain of stream %s is missing from Redis (was Redis restarted?); writing a new base",
+                "the snapshot chain of stream %s is missing from Redis (deleted by 'sinkstream snapshots rm', or lost "
+                "when Redis restarted without persistence); writing a new base from the cache in memory",
                 state.stream_id,
             )
             return await self._save(state, None, None, topic, partition, last_offset, True)
