@@ -20,6 +20,7 @@ ingress partitions have no defined order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, Literal
 
 from topology.config import TopologySettings
 from topology.schemas import (
+    PARSE_ERROR,
     EventLimits,
     Headers,
     KafkaMessage,
@@ -36,6 +38,8 @@ from topology.schemas import (
 from worker.exceptions import InvalidEventError
 
 logger = logging.getLogger(__name__)
+
+RESEND_DELAY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -65,9 +69,16 @@ def decide_route(
             accept_raw=False, require_key_match=False, timestamp_ms=timestamp_ms,
         )
     except InvalidEventError as exc:
-        message = build_dead_letter(key, value, headers, topic, partition, offset, exc, timestamp_ms=timestamp_ms)
-        return RouteDecision("dlq", message, reason=exc.reason)
-    return RouteDecision("events", event.to_message(), stream_id=event.stream_id)
+        error = exc
+    except Exception as exc:
+        # A validation bug must not stop the router on one record. The dead-letter topic
+        # keeps the record for a rerun once the bug is fixed.
+        logger.exception("validating %s[%d]@%d failed unexpectedly; dead-lettering it", topic, partition, offset)
+        error = InvalidEventError(PARSE_ERROR, f"validation failed: {type(exc).__name__}")
+    else:
+        return RouteDecision("events", event.to_message(), stream_id=event.stream_id)
+    message = build_dead_letter(key, value, headers, topic, partition, offset, error, timestamp_ms=timestamp_ms)
+    return RouteDecision("dlq", message, reason=error.reason)
 
 
 def build_router(settings: TopologySettings):
@@ -122,13 +133,28 @@ async def _forward(record: Any, outgoing: dict[str, Any], limits: EventLimits) -
         limits, timestamp_ms,
     )
     message = decision.message
-    sent = await outgoing[decision.target].send(
-        key=message.key,
-        value=message.value,
-        headers=list(message.headers),
-        timestamp=message.timestamp_ms / 1000 if message.timestamp_ms is not None else None,
-    )
-    await sent  # wait for the broker's acknowledgement before faust may commit the ingress offset
+    attempt = 0
+    while True:
+        try:
+            sent = await outgoing[decision.target].send(
+                key=message.key,
+                value=message.value,
+                headers=list(message.headers),
+                timestamp=message.timestamp_ms / 1000 if message.timestamp_ms is not None else None,
+            )
+            await sent  # wait for the broker's acknowledgement before faust may commit the ingress offset
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # faust acknowledges the record of an agent that raises, so giving up here would
+            # lose it; retry until the send succeeds or the router stops.
+            attempt += 1
+            logger.error(
+                "writing %s[%d]@%d to the %s topic failed (attempt %d: %s); retrying in %.0f s",
+                record.topic, record.partition, record.offset, decision.target, attempt, exc, RESEND_DELAY_S,
+            )
+            await asyncio.sleep(RESEND_DELAY_S)
     if decision.target == "dlq":
         logger.warning(
             "dead-lettered %s[%d]@%d: %s",

@@ -36,8 +36,16 @@ HEADER_DLQ_MESSAGE = "x-sinkstream-dlq-message"
 HEADER_DLQ_TOPIC = "x-sinkstream-source-topic"
 HEADER_DLQ_PARTITION = "x-sinkstream-source-partition"
 HEADER_DLQ_OFFSET = "x-sinkstream-source-offset"
-_DLQ_HEADERS = (HEADER_DLQ_REASON, HEADER_DLQ_MESSAGE, HEADER_DLQ_TOPIC, HEADER_DLQ_PARTITION, HEADER_DLQ_OFFSET)
+HEADER_DLQ_DROPPED = "x-sinkstream-dropped"
+_DLQ_HEADERS = (
+    HEADER_DLQ_REASON, HEADER_DLQ_MESSAGE, HEADER_DLQ_TOPIC, HEADER_DLQ_PARTITION, HEADER_DLQ_OFFSET,
+    HEADER_DLQ_DROPPED,
+)
 _MAX_DLQ_MESSAGE_BYTES = 1024
+# A dead letter above this size loses its value (then its original headers, then its key),
+# so that it fits the producers' default request size: 1,048,576 bytes in aiokafka 0.14 and
+# 1,000,000 in faust-streaming 0.15. A broker may accept larger records than a producer sends.
+MAX_DEAD_LETTER_BYTES = 900_000
 
 JSON_CONTENT_TYPE = "application/json"
 TEXT_CONTENT_TYPE = "text/plain"
@@ -68,6 +76,8 @@ INVALID_STOP = "invalid_stop"
 INVALID_SEED = "invalid_seed"
 # Set by the worker, not by parse_event: the engine failed on a valid event (for example, in the tokenizer).
 ENGINE_ERROR = "engine_error"
+# Set by the worker and the router when validation itself raised an unexpected error (a bug).
+PARSE_ERROR = "parse_error"
 
 # Reasons parse_event raises, one per kind of invalid input.
 INPUT_REASONS = (
@@ -95,7 +105,7 @@ INPUT_REASONS = (
     INVALID_STOP,
     INVALID_SEED,
 )
-DEAD_LETTER_REASONS = INPUT_REASONS + (ENGINE_ERROR,)
+DEAD_LETTER_REASONS = INPUT_REASONS + (ENGINE_ERROR, PARSE_ERROR)
 
 _EVENT_FIELDS = frozenset({"schema", "stream_id", "event_id", "action", "text", "role", "generate"})
 _GENERATE_FIELDS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "stop", "seed"})
@@ -274,7 +284,12 @@ def parse_event(
         raise InvalidEventError(EMPTY_VALUE, "the record value is empty; send the text or a JSON event as the value")
     header_map = _header_map(headers)
     header_tuple = _header_tuple(headers)
-    document = _detect_json(value, header_map, limits)
+    if not accept_raw and HEADER_CONTENT_TYPE not in header_map:
+        # Only JSON is accepted here, so report why the value is not a JSON event (too large,
+        # not UTF-8, not JSON) instead of reading it as raw text.
+        document = _load_json_object(value, limits)
+    else:
+        document = _detect_json(value, header_map, limits)
     if document is None:
         if not accept_raw:
             raise InvalidEventError(
@@ -479,6 +494,11 @@ def _stream_id_from_key(key: bytes, limits: EventLimits) -> str:
 def _check_stream_id(stream_id: str, limits: EventLimits) -> None:
     if not stream_id:
         raise InvalidEventError(INVALID_STREAM_ID, "the stream id is empty; use a non-empty key or stream_id")
+    if not _encodes_as_utf8(stream_id):
+        raise InvalidEventError(
+            INVALID_STREAM_ID,
+            f"stream id {_short(stream_id)!r} contains a lone surrogate escape, which is not valid UTF-8",
+        )
     size = len(stream_id.encode("utf-8"))
     if size > limits.max_stream_id_bytes:
         raise InvalidEventError(
@@ -630,6 +650,10 @@ def _parse_stop(value: Any, limits: EventLimits) -> tuple[str, ...]:
         if not stop or len(stop.encode("utf-8", errors="surrogatepass")) > limits.max_stop_bytes:
             raise InvalidEventError(
                 INVALID_STOP, f"each generate.stop string must have 1 to {limits.max_stop_bytes} bytes"
+            )
+        if not _encodes_as_utf8(stop):
+            raise InvalidEventError(
+                INVALID_STOP, "a generate.stop string contains a lone surrogate escape, which is not valid UTF-8"
             )
     return tuple(stops)
 
@@ -806,17 +830,31 @@ def build_dead_letter(
     error: InvalidEventError,
     *,
     timestamp_ms: int | None = None,
+    max_bytes: int = MAX_DEAD_LETTER_BYTES,
 ) -> KafkaMessage:
     """Build the dead-letter record of a rejected input record.
 
-    The key, value bytes and headers are kept as they were. The reason, message and source
-    coordinates are added as ``x-sinkstream-*`` headers, replacing any from an earlier
-    dead-lettering, so a record replayed from the dead-letter topic and rejected again
-    carries only its latest reason.
+    The key, value bytes and headers are kept as they were, unless together they exceed
+    ``max_bytes``: then the value is dropped, then the original headers, then the key, and
+    ``x-sinkstream-dropped`` names each dropped part with its size. The reason, message and
+    source coordinates are added as ``x-sinkstream-*`` headers, replacing any from an
+    earlier dead-lettering, so a record replayed from the dead-letter topic and rejected
+    again carries only its latest reason.
     """
     if error.reason not in DEAD_LETTER_REASONS:
         raise ValueError(f"dead-letter reason {error.reason!r} is not one of DEAD_LETTER_REASONS")
     kept = [(name, data) for name, data in _header_tuple(headers) if name.lower() not in _DLQ_HEADERS]
+    value = value or b""
+    dropped = []
+    if _record_bytes(key, value, kept) > max_bytes:
+        dropped.append(f"value {len(value)} bytes")
+        value = b""
+    if _record_bytes(key, value, kept) > max_bytes:
+        dropped.append(f"headers {_record_bytes(None, b'', kept)} bytes")
+        kept = []
+    if _record_bytes(key, value, kept) > max_bytes:
+        dropped.append(f"key {len(key or b'')} bytes")
+        key = None
     message = str(error).encode("utf-8", errors="replace")[:_MAX_DLQ_MESSAGE_BYTES]
     kept += [
         (HEADER_DLQ_REASON, error.reason.encode()),
@@ -825,7 +863,14 @@ def build_dead_letter(
         (HEADER_DLQ_PARTITION, str(partition).encode()),
         (HEADER_DLQ_OFFSET, str(offset).encode()),
     ]
-    return KafkaMessage(key=key, value=value or b"", headers=tuple(kept), timestamp_ms=timestamp_ms)
+    if dropped:
+        kept.append((HEADER_DLQ_DROPPED, ", ".join(dropped).encode()))
+    return KafkaMessage(key=key, value=value, headers=tuple(kept), timestamp_ms=timestamp_ms)
+
+
+def _record_bytes(key: bytes | None, value: bytes, headers: list[tuple[str, bytes | None]]) -> int:
+    header_bytes = sum(len(name.encode("utf-8", errors="surrogatepass")) + len(data or b"") for name, data in headers)
+    return len(key or b"") + len(value) + header_bytes
 
 
 def read_dead_letter(headers: Headers) -> DeadLetterInfo:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from aiokafka import AIOKafkaProducer
+
 from tests.stage.conftest import consume, output_json, produce, running_worker
 from topology.schemas import read_dead_letter
 
@@ -31,6 +33,8 @@ BAD_INPUTS = [
      None, "invalid_max_new_tokens"),
     ("empty value", b"s1", b"", None, "empty_value"),
     ("null key without stream id", None, b"plain text with no key", None, "missing_stream_id"),
+    ("lone surrogate stream id", b"s1", b'{"stream_id": "\\udc80", "text": "a"}', [("content-type", b"application/json")],
+     "invalid_stream_id"),
 ]
 
 
@@ -66,3 +70,53 @@ async def test_dead_letters_bad_inputs_partition_continues(broker, stage_topics,
     for *_, reason in BAD_INPUTS:
         expected_counts[reason] = expected_counts.get(reason, 0) + 1
     assert worker.stats.dead_letter_reasons == expected_counts
+
+
+async def test_dead_letters_oversized_record_drops_value(broker, stage_topics, make_settings, make_engine):
+    settings = make_settings()
+    oversized = b"x" * 1_200_000  # above aiokafka's default request size of 1,048,576 bytes
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, max_request_size=4 * 1024 * 1024)
+    await producer.start()
+    try:
+        await producer.send_and_wait(stage_topics.events, oversized, key=b"s1", partition=0)
+        await producer.send_and_wait(stage_topics.events, b"good event", key=b"s1", partition=0)
+    finally:
+        await producer.stop()
+
+    async with running_worker(settings, make_engine()) as worker:
+        (dead,) = await consume(broker.bootstrap_servers, stage_topics.dlq, 1, timeout_s=60)
+        (output,) = await consume(broker.bootstrap_servers, stage_topics.outputs, 1, timeout_s=60)
+        assert not worker.runner.error
+
+    assert read_dead_letter(dead.headers).reason == "text_too_large"
+    assert dead.value == b""
+    assert dict(dead.headers)["x-sinkstream-dropped"] == b"value 1200000 bytes"
+    assert dead.key == b"s1"
+    assert output_json(output)["source"]["offset"] == 1
+
+
+async def test_dead_letters_validation_bug_partition_continues(broker, stage_topics, make_settings, make_engine,
+                                                               monkeypatch):
+    from worker.stage import messages
+
+    parse_record = messages.parse_record
+
+    def failing_parse(record, limits, raw_action):
+        if record.value == b"trigger a validation bug":
+            raise KeyError("a bug in validation")
+        return parse_record(record, limits, raw_action)
+
+    monkeypatch.setattr(messages, "parse_record", failing_parse)
+    records = [(b"s1", b"trigger a validation bug", None), (b"s1", b"good event", None)]
+    await produce(broker.bootstrap_servers, stage_topics.events, records, partition_of=lambda key: 0)
+
+    async with running_worker(make_settings(), make_engine()) as worker:
+        (dead,) = await consume(broker.bootstrap_servers, stage_topics.dlq, 1, timeout_s=60)
+        (output,) = await consume(broker.bootstrap_servers, stage_topics.outputs, 1, timeout_s=60)
+        assert not worker.runner.error
+
+    info = read_dead_letter(dead.headers)
+    assert info.reason == "parse_error"
+    assert info.message == "validation failed: KeyError"
+    assert dead.value == b"trigger a validation bug"
+    assert output_json(output)["source"]["offset"] == 1

@@ -57,7 +57,7 @@ async def _consume_all(bootstrap: str, topics: list[str], expected: int, timeout
 async def _produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=4 * 1024 * 1024)
     await producer.start()
     try:
         for key, value in records:
@@ -120,6 +120,8 @@ def test_router_routes_valid_and_invalid_records(broker, router_process):
         (None, b'{"text": "no stream id"}'),
         (b"k2", json.dumps({"stream_id": "s", "text": "a", "action": "dance"}).encode()),
         (b"k3", json.dumps({"stream_id": "s", "action": "generate", "generate": {"max_new_tokens": 0}}).encode()),
+        (b"k4", b'{"stream_id": "\\udc80", "text": "a"}'),  # a lone surrogate escape
+        (b"k5", json.dumps({"stream_id": "s", "text": "x" * 1_200_000}).encode()),  # above the producers' limit
     ]
     run_coroutine(_produce(broker.bootstrap_servers, topics["ingress"], valid + invalid))
 
@@ -140,10 +142,13 @@ def test_router_routes_valid_and_invalid_records(broker, router_process):
         [f"text {index}" for index in range(6)] + [""]
     )
 
-    reasons = sorted(read_dead_letter(record.headers).reason for record in dead)
-    assert reasons == ["invalid_json", "invalid_max_new_tokens", "missing_stream_id", "unknown_action"]
-    assert {record.value for record in dead} == {value for _, value in invalid}
-    assert {record.key for record in dead} == {key for key, _ in invalid}
+    reasons = {record.key: read_dead_letter(record.headers).reason for record in dead}
+    assert reasons == {b"k1": "invalid_json", None: "missing_stream_id", b"k2": "unknown_action",
+                       b"k3": "invalid_max_new_tokens", b"k4": "invalid_stream_id", b"k5": "value_too_large"}
+    too_large = next(record for record in dead if record.key == b"k5")
+    assert too_large.value == b"", "a dead letter above the producer's request size drops its value"
+    assert dict(too_large.headers)["x-sinkstream-dropped"] == f"value {len(invalid[-1][1])} bytes".encode()
+    assert {record.value for record in dead if record.key != b"k5"} == {value for _, value in invalid[:-1]}
 
     # Every ingress offset gets committed once its record has been forwarded.
     deadline = time.monotonic() + 30
@@ -157,3 +162,17 @@ def test_router_routes_valid_and_invalid_records(broker, router_process):
 
     os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(30) == 0
+
+
+def test_decide_route_validation_bug_dead_lettered(monkeypatch):
+    import topology.router
+
+    def failing_parse(*args, **kwargs):
+        raise KeyError("a bug in validation")
+
+    monkeypatch.setattr(topology.router, "parse_event", failing_parse)
+    decision = decide_route(b"k", b'{"stream_id": "s", "text": "a"}', None, "ingress", 0, 4, LIMITS)
+
+    assert decision.target == "dlq"
+    assert decision.reason == "parse_error"
+    assert decision.message.value == b'{"stream_id": "s", "text": "a"}'

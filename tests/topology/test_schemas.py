@@ -118,7 +118,7 @@ def test_parse_event_bad_input_raises_reason(key, value, headers, reason):
 def test_reason_table_covers_every_input_reason():
     covered = {case[-1] for case in BAD_INPUTS}
     assert covered == set(INPUT_REASONS)
-    assert set(DEAD_LETTER_REASONS) == set(INPUT_REASONS) | {"engine_error"}
+    assert set(DEAD_LETTER_REASONS) == set(INPUT_REASONS) | {"engine_error", "parse_error"}
 
 
 def test_reason_codes_are_unique_constants():
@@ -403,3 +403,44 @@ def test_dead_letter_message_truncated():
     error = InvalidEventError("invalid_json", "x" * 5000)
     message = build_dead_letter(b"k", b"v", None, "events", 0, 1, error)
     assert len(message.header("x-sinkstream-dlq-message")) == 1024
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "headers", "dropped"),
+    [
+        (b"k", b"v" * 100, [("trace", b"t")], "value 100 bytes"),
+        (b"k", b"v" * 100, [("trace", b"t" * 100)], "value 100 bytes, headers 105 bytes"),
+        (b"k" * 100, b"v", [("trace", b"t" * 100)], "value 1 bytes, headers 105 bytes, key 100 bytes"),
+    ],
+)
+def test_dead_letter_above_max_bytes_drops_parts(key, value, headers, dropped):
+    error = InvalidEventError("value_too_large", "too large")
+    message = build_dead_letter(key, value, headers, "events", 0, 1, error, max_bytes=50)
+
+    assert message.header("x-sinkstream-dropped") == dropped.encode()
+    assert message.header("x-sinkstream-dlq-reason") == b"value_too_large"
+    assert message.value == b""
+    assert (message.header("trace") is None) == ("headers" in dropped)
+    assert (message.key is None) == ("key" in dropped)
+
+
+def test_dead_letter_within_max_bytes_keeps_all():
+    message = build_dead_letter(b"k", b"v" * 40, [("trace", b"t")], "events", 0, 1,
+                                InvalidEventError("value_too_large", "x"), max_bytes=50)
+
+    assert message.value == b"v" * 40
+    assert message.header("x-sinkstream-dropped") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b'{"stream_id": "\\udc80", "text": "a"}', "invalid_stream_id"),
+        (b'{"text": "a", "action": "generate", "generate": {"stop": ["\\ud800"]}}', "invalid_stop"),
+    ],
+)
+def test_lone_surrogate_fields_rejected(value, reason):
+    with pytest.raises(InvalidEventError) as caught:
+        parse(b"k", value, [("content-type", b"application/json")], require_key_match=False)
+    assert caught.value.reason == reason
+    assert "lone surrogate" in str(caught.value)

@@ -16,10 +16,12 @@ from topology.schemas import (
 )
 from worker.exceptions import InvalidEventError
 
-__all__ = ["ENGINE_ERROR", "InvalidEventError", "parse_record"]
+__all__ = ["ENGINE_ERROR", "PARSE_ERROR", "InvalidEventError", "parse_record"]
 
 # Dead-letter reason of an event the engine could not process (for example, no cache slot).
 ENGINE_ERROR = schemas.ENGINE_ERROR
+# Dead-letter reason of a record on which validation raised an unexpected error.
+PARSE_ERROR = schemas.PARSE_ERROR
 
 
 def parse_record(record: ConsumerRecord, limits: EventLimits, raw_action: str) -> Event:

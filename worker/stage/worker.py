@@ -333,6 +333,14 @@ class StageWorker:
         except messages.InvalidEventError as exc:
             self._dead_letter(state, record, exc)
             return
+        except Exception as exc:
+            # A validation bug must not crash the worker on one record, or every restart
+            # would read the same record and crash again.
+            logger.exception("validating the record at %s offset %d failed unexpectedly; dead-lettering it",
+                             _tp_name(state.tp), record.offset)
+            error = messages.InvalidEventError(messages.PARSE_ERROR, f"validation failed: {type(exc).__name__}")
+            self._dead_letter(state, record, error)
+            return
         pending = PendingEvent(state.tp, record.offset, state.generation, record, event, time.monotonic())
         stream_id = pending.stream_id
         state.stream_ids.add(stream_id)
