@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from worker.logconfig import configure_logging
+from worker.logconfig import LOG_LEVELS, configure_logging
 from worker.threads import configure_openmp_waiting
 
 # Modules that register subcommands, in the order they appear in ``--help``.
@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="INFO",
-        help="logging level: DEBUG, INFO, WARNING or ERROR (default INFO); above DEBUG, each repeated aiokafka "
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"logging level: {', '.join(LOG_LEVELS)} (default INFO); above DEBUG, each repeated aiokafka "
         "warning or error is logged at most once a minute",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

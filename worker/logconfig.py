@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 RATE_LIMITED_LOGGERS = ("aiokafka",)
 REPEAT_INTERVAL_S = 60.0
@@ -98,10 +99,14 @@ class RepeatFilter(logging.Filter):
 def configure_logging(level: str) -> None:
     """Log to stderr at ``level``, with repeated aiokafka warnings and errors rate-limited.
 
+    ``level`` is one of LOG_LEVELS in any case; another value raises ValueError.
+
     At DEBUG every record passes, for debugging connection problems. Like
     ``logging.basicConfig``, this does nothing when the root logger already has handlers,
     because an embedding program (or pytest) owns logging then.
     """
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LOG_LEVELS)}")
     handler = logging.StreamHandler()
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, handlers=[handler])
     root = logging.getLogger()
