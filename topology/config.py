@@ -20,7 +20,7 @@ from worker.stage.settings import StageSettings, WorkerKafkaSettings
 class RouterSettings(BaseModel):
     """The faust app that re-keys ingress events by stream id."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     ingress_topic: str = Field(DEFAULT_INGRESS_TOPIC, min_length=1, description="topic of JSON events with any key")
     app_id: str = Field("sinkstream-router", min_length=1, description="faust app id, also its consumer group id")
@@ -37,7 +37,7 @@ class TopologySettings(BaseSettings):
     """Settings of ``sinkstream route`` and the tools, from ``SINKSTREAM_*`` variables and arguments."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SINKSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True
+        env_prefix="SINKSTREAM_", env_nested_delimiter="__", extra="ignore", frozen=True, allow_inf_nan=False
     )
 
     kafka: WorkerKafkaSettings = Field(default_factory=WorkerKafkaSettings)

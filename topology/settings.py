@@ -22,7 +22,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 class KafkaSettings(BaseModel):
     """How to reach the Kafka cluster: addresses, TLS and SASL."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     bootstrap_servers: str = Field(
         "127.0.0.1:9092", description="comma-separated host:port list of brokers to bootstrap from"
@@ -86,6 +86,15 @@ class KafkaSettings(BaseModel):
     def servers(self) -> list[str]:
         return self.bootstrap_servers.split(",")
 
+    def missing_files(self) -> list[tuple[str, Path]]:
+        """Return ``(setting, path)`` for each TLS file setting whose path is not an existing file."""
+        missing = []
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                missing.append((f"kafka.{name}", Path(path)))
+        return missing
+
     def aiokafka_kwargs(self) -> dict[str, Any]:
         """Build the connection keyword arguments shared by aiokafka's producer, consumer and admin client."""
         kwargs: dict[str, Any] = {
@@ -105,10 +114,10 @@ class KafkaSettings(BaseModel):
         """Build the TLS context for SSL and SASL_SSL from the CA, certificate and key files."""
         from aiokafka.helpers import create_ssl_context
 
-        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"kafka.{name} {str(path)!r} is not a file; point it at an existing PEM file")
+        missing = self.missing_files()
+        if missing:
+            listed = "; ".join(f"{name} {str(path)!r}" for name, path in missing)
+            raise ConfigError(f"file not found: {listed}; point each setting at an existing PEM file")
         return create_ssl_context(
             cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
             certfile=str(self.ssl_certfile) if self.ssl_certfile else None,

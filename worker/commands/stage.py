@@ -31,11 +31,32 @@ def run_worker_command(args: argparse.Namespace) -> int:
     import asyncio
 
     from worker.stage.app import run_worker
-    from worker.stage.settings import settings_from_args
+    from worker.stage.settings import check_files_exist, settings_from_args
 
     settings = settings_from_args(args)
+    check_files_exist(settings)
+    check_device(settings.engine.device)
     asyncio.run(run_worker(settings))
     return 0
+
+
+def check_device(device: str) -> None:
+    """Raise ConfigError unless ``device`` exists here, before the worker starts loading the model."""
+    import torch
+
+    from worker.exceptions import ConfigError
+
+    parsed = torch.device(device)  # the settings allow only cpu, cuda and cuda:N
+    if parsed.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"engine.device={device!r}: CUDA is not available here; set --engine.device cpu")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(
+            f"engine.device={device!r}: this machine has {count} CUDA device(s), numbered from 0; "
+            f"set --engine.device cuda:0 to cuda:{count - 1}"
+        )
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

@@ -62,10 +62,15 @@ def _quiet_client_info() -> None:
 
 
 def load_tool_settings(args: argparse.Namespace, **sections: dict[str, Any]):
-    """Build ``TopologySettings`` from the environment, the Kafka flags and ``sections``."""
+    """Build ``TopologySettings`` from the environment, the Kafka flags and ``sections``.
+
+    Raises ConfigError naming each invalid field and its value, as the worker does.
+    """
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from topology.config import TopologySettings
+    from worker.stage.settings import check_environment_names, environment_json_error, validation_problems
 
     values: dict[str, dict[str, Any]] = {}
     for dest, value in vars(args).items():
@@ -75,13 +80,13 @@ def load_tool_settings(args: argparse.Namespace, **sections: dict[str, Any]):
         set_fields = {name: value for name, value in fields.items() if value is not None}
         if set_fields:
             values.setdefault(section, {}).update(set_fields)
+    check_environment_names()
     try:
         return TopologySettings(**values)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
-        ]
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from exc
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(validation_problems(exc))) from exc
+    except SettingsError as exc:
+        raise environment_json_error(exc, TopologySettings.model_fields) from exc
 
 
 # --------------------------------------------------------------------------------------

@@ -12,15 +12,19 @@ Precedence, highest first: flags, environment variables, the YAML file, defaults
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticUndefined
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from topology.schemas import EventLimits
 from topology.settings import KafkaSettings
@@ -29,6 +33,20 @@ from worker.paths import default_model_dir
 
 ENV_PREFIX = "SINKSTREAM_"
 CONFIG_FILE_ENV = "SINKSTREAM_CONFIG"
+
+# SINKSTREAM_ variables that are not settings fields, so the unknown-variable check keeps them.
+OTHER_ENV_NAMES = {
+    CONFIG_FILE_ENV: "the YAML settings file",
+    "SINKSTREAM_HOME": "the model and data cache root (worker/paths.py)",
+    "SINKSTREAM_MODELS_DIR": "the model directory mounted by deploy/compose.yaml",
+}
+OTHER_ENV_PREFIXES = {
+    "SINKSTREAM_STATE_": "StateConfig fields (worker/state/config.py)",
+    "SINKSTREAM_TEST_": "services of the test suite (tests/conftest_services.py)",
+}
+
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 class WorkerKafkaSettings(KafkaSettings):
@@ -50,22 +68,70 @@ class WorkerKafkaSettings(KafkaSettings):
 class RedisSettings(BaseModel):
     """Redis connection used by the snapshot store."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL")
     password: SecretStr | None = Field(None, description="Redis AUTH password, when the URL carries none")
     tls: bool = Field(False, description="connect with TLS (also implied by a rediss:// URL)")
-    ssl_ca_certs: Path | None = Field(None, description="CA bundle that verifies the Redis server's certificate")
-    key_prefix: str = Field("sinkstream:", description="prefix of every key this worker writes")
+    ssl_ca_certs: Path | None = Field(
+        None, description="CA bundle that verifies the Redis server's certificate; needs tls or a rediss:// URL"
+    )
+    key_prefix: str = Field(
+        "sinkstream:", description="prefix of every key this worker writes; not empty, without '{' or '}'"
+    )
     socket_timeout_s: float = Field(
         5.0, gt=0, le=300, description="seconds a Redis command may take, a whole multi-chunk reply included"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in REDIS_URL_SCHEMES:
+            raise ValueError(
+                "the URL scheme must be redis://, rediss:// (TLS) or unix://; "
+                "write it as redis://127.0.0.1:6379/0"
+            )
+        try:
+            parts.port  # noqa: B018, parses the port and raises ValueError when it is not a number
+        except ValueError as exc:
+            raise ValueError(f"the URL port is invalid ({exc}); write it as redis://127.0.0.1:6379/0") from None
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_key_prefix(cls, value: str) -> str:
+        # The snapshot store strips trailing colons and adds its own separator.
+        if not value.rstrip(":"):
+            raise ValueError("the key prefix is empty; set a name such as 'sinkstream:' to keep the keys apart")
+        if "{" in value or "}" in value:
+            raise ValueError(
+                "the key prefix contains a brace; braces are reserved for Redis Cluster hash tags, "
+                "so choose a prefix without them"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> RedisSettings:
+        scheme = urlsplit(self.url).scheme
+        if self.tls and scheme == "unix":
+            raise ValueError("redis.tls is true but a unix:// socket has no TLS; set redis.tls false")
+        if self.ssl_ca_certs is not None and not self.uses_tls:
+            raise ValueError(
+                "redis.ssl_ca_certs is set but the connection does not use TLS; "
+                "set redis.tls true or use a rediss:// URL"
+            )
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or urlsplit(self.url).scheme == "rediss"
 
 
 class EngineSettings(BaseModel):
     """Model and cache geometry of the engine."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_path: Path = Field(
         default_factory=default_model_dir,
@@ -74,7 +140,7 @@ class EngineSettings(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights and cache dtype: float32, bfloat16 or float16"
     )
-    device: str = Field("cpu", description="torch device, for example cpu or cuda:0")
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
     sink_tokens: int = Field(4, ge=0, le=1024, description="first tokens of a stream kept for ever (attention sinks)")
     window_tokens: int = Field(2044, ge=16, le=1_048_576, description="most recent tokens kept after the sinks")
     prefill_chunk_tokens: int = Field(
@@ -84,11 +150,18 @@ class EngineSettings(BaseModel):
     max_host_streams: int = Field(1024, ge=0, le=1_048_576, description="streams parked in host memory")
     max_batch_tokens: int = Field(2048, ge=1, le=1_048_576, description="tokens per engine step")
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError("the device must be cpu, cuda or cuda:N (N the GPU index, for example cuda:0)")
+        return value
+
 
 class StageSettings(BaseModel):
     """Input handling, backpressure and shutdown of the consumer loop."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     raw_action: Literal["append", "generate"] = Field(
         "append", description="what a non-JSON event does: append its text, or append and generate"
@@ -129,7 +202,7 @@ class StageSettings(BaseModel):
 class CheckpointSettings(BaseModel):
     """How often offsets are committed (and, with a snapshot store, streams snapshotted)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     store: Literal["none", "redis"] = Field(
         "none", description="where stream snapshots go: none (rebuild from the input) or redis"
@@ -151,7 +224,7 @@ class CheckpointSettings(BaseModel):
 class MetricsSettings(BaseModel):
     """The /metrics, /healthz and /readyz server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     host: str = Field("0.0.0.0", description="interface the server listens on; 0.0.0.0 means all")
     port: int = Field(9400, ge=0, le=65_535, description="0 disables the server")
@@ -165,7 +238,7 @@ class WorkerSettings(BaseSettings):
     """All settings of ``sinkstream worker``."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True, allow_inf_nan=False
     )
 
     kafka: WorkerKafkaSettings = Field(default_factory=WorkerKafkaSettings)
@@ -206,9 +279,14 @@ class _YamlSource(PydanticBaseSettingsSource):
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read the config file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"the config file {path} is not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at offset {exc.start} "
+            "is invalid; save the file as UTF-8"
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"the config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -254,8 +332,10 @@ def settings_from_args(args: argparse.Namespace, **overrides: dict[str, Any]) ->
 def load_settings(config_file: str | Path | None = None, values: dict[str, Any] | None = None) -> WorkerSettings:
     """Validate settings from ``values`` (flags), the environment and ``config_file``.
 
-    Raises ConfigError naming each invalid field and its value.
+    Raises ConfigError naming each invalid field and its value, an unknown ``SINKSTREAM_``
+    variable, or a whole-section variable that is not valid JSON.
     """
+    check_environment_names()
     previous = os.environ.get(CONFIG_FILE_ENV)
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
@@ -264,18 +344,127 @@ def load_settings(config_file: str | Path | None = None, values: dict[str, Any] 
         # deep-merges nested dicts from all sources, so a flag replaces only its own field.
         return WorkerSettings(**(values or {}))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            location = ".".join(str(part) for part in error["loc"])
-            value = error.get("input")
-            if "password" in location or isinstance(value, dict):
-                problems.append(f"{location}: {error['msg']}")  # never echo secrets or whole sections
-            else:
-                problems.append(f"{location}={value!r}: {error['msg']}")
-        raise ConfigError("invalid worker settings:\n  " + "\n  ".join(problems)) from exc
+        raise ConfigError("invalid worker settings:\n  " + "\n  ".join(validation_problems(exc))) from exc
+    except SettingsError as exc:
+        raise environment_json_error(exc, WorkerSettings.model_fields) from exc
     finally:
         if config_file is not None:
             if previous is None:
                 os.environ.pop(CONFIG_FILE_ENV, None)
             else:
                 os.environ[CONFIG_FILE_ENV] = previous
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """Return one ``section.field=value: message`` line per error of ``exc``.
+
+    Values of password fields and whole sections are left out, and a URL is shown with
+    its password replaced by ``***``.
+    """
+    problems = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        value = error.get("input")
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        if "password" in location or isinstance(value, dict):
+            problems.append(f"{location}: {message}")  # never echo secrets or whole sections
+        else:
+            if isinstance(value, str) and location.endswith("url"):
+                value = _redact_url(value)
+            problems.append(f"{location}={value!r}: {message}")
+    return problems
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<not shown: the URL cannot be parsed>"
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
+
+
+def settings_sections() -> list[str]:
+    """Return the sections of the worker's and the tools' settings (``kafka``, ``engine``, ``router``...)."""
+    from topology.config import TopologySettings  # imports this module, so not at the top
+
+    return sorted(set(WorkerSettings.model_fields) | set(TopologySettings.model_fields))
+
+
+def check_environment_names(environ: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for a ``SINKSTREAM_`` variable that names no settings section.
+
+    pydantic-settings only reads variables of known sections, so without this check a
+    misspelled section (``SINKSTREAM_ENGIN__WINDOW_TOKENS``) would be ignored without a
+    message. Misspelled fields of a known section are rejected by the settings models.
+    Both the worker and the tools accept the sections of both, because one environment
+    usually configures all of them. Names are compared in upper case, as pydantic-settings
+    matches them.
+    """
+    environ = os.environ if environ is None else environ
+    sections = settings_sections()
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in OTHER_ENV_NAMES or upper.startswith(tuple(OTHER_ENV_PREFIXES)):
+            continue
+        section = upper.removeprefix(ENV_PREFIX).split("__", 1)[0].lower()
+        if section not in sections:
+            unknown.append(name)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        noun = "variables" if len(unknown) > 1 else "variable"
+        valid = ", ".join(f"{ENV_PREFIX}{section.upper()}__<FIELD>" for section in sections)
+        others = ", ".join([*OTHER_ENV_NAMES, *(f"{prefix}*" for prefix in OTHER_ENV_PREFIXES)])
+        raise ConfigError(
+            f"unknown environment {noun} {names}: settings variables are {valid}; other variables are "
+            f"{others}; correct the name or unset it"
+        )
+
+
+def environment_json_error(exc: SettingsError, sections: Iterable[str]) -> ConfigError:
+    """Turn pydantic-settings' JSON parse error into a ConfigError naming the variable.
+
+    pydantic-settings parses a variable that sets a whole section (``SINKSTREAM_ENGINE``)
+    or a nested model (``SINKSTREAM_TOPICS__EVENTS``) as JSON, and its error names only
+    the top-level field. ``sections`` are the sections of the settings class that failed.
+    The value is not shown because it may contain a password.
+    """
+    sections = set(sections)
+    for name, value in sorted(os.environ.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        path = upper.removeprefix(ENV_PREFIX).split("__")
+        if path[0].lower() not in sections or (len(path) > 1 and not value.lstrip().startswith(("{", "["))):
+            continue
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as decode_error:
+            example = f"{name}__<FIELD>=<value>"
+            return ConfigError(
+                f"environment variable {name} is not valid JSON ({decode_error}); give it a JSON object "
+                f"such as '{{\"<field>\": <value>}}', or set one field per variable with {example}"
+            )
+    return ConfigError(
+        f"invalid settings in the environment: {exc}: {exc.__cause__}; check the {ENV_PREFIX} variables of that field"
+    )
+
+
+def check_files_exist(settings: WorkerSettings) -> None:
+    """Raise ConfigError naming each TLS file setting whose path is not an existing file.
+
+    The clients read these files only when they connect, which is after the model has
+    loaded, so the worker checks them at start. The settings models do not read the file
+    system, so settings that name files of another machine (a Helm release) still load.
+    """
+    missing = list(settings.kafka.missing_files())
+    ca_certs = settings.redis.ssl_ca_certs
+    if ca_certs is not None and not ca_certs.is_file():
+        missing.append(("redis.ssl_ca_certs", ca_certs))
+    if missing:
+        listed = "; ".join(f"{name} {str(path)!r}" for name, path in missing)
+        raise ConfigError(f"file not found: {listed}; point each setting at an existing PEM file")

@@ -13,7 +13,9 @@ MIB = 1024 * 1024
 class StateConfig(BaseSettings):
     """Validated settings of ``worker.state``; each field maps to ``SINKSTREAM_STATE_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SINKSTREAM_STATE_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="SINKSTREAM_STATE_", frozen=True, extra="forbid", allow_inf_nan=False
+    )
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis server URL")
     key_prefix: str = Field(
