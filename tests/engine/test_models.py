@@ -89,3 +89,12 @@ def test_models_bpe_cleanup_off_keeps_decoded_text():
     load_from_model(tiny_model("llama"), tokenizer)
     assert tokenizer.clean_up_tokenization_spaces is False
     assert tokenizer.decode(ids) == before == "Call me Ishmael . Some years ago , never mind how long !"
+
+
+@pytest.mark.parametrize("name", ["tpu:7", "not a device", "mps"])
+def test_models_invalid_device_names_fix(name):
+    from worker.engine.models import parse_device
+    from worker.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="use cpu or cuda"):
+        parse_device(name)

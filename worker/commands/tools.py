@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from worker.exceptions import ConfigError, SinkstreamError
-from worker.logconfig import configure_logging
+from worker.logconfig import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -564,7 +564,8 @@ def _port_is_free(port: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Run one of these tools without the rest of the ``sinkstream`` command line."""
     parser = argparse.ArgumentParser(prog="python -m worker.commands.tools")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help=f"logging level: {', '.join(LOG_LEVELS)} (default INFO)")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
