@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rm = actions.add_parser(
         "rm",
         help="delete a stream's snapshot; its next owner starts it from an empty cache",
-        description="Delete the snapshots of the given streams. A worker that owns a stream keeps its cache in memory "
+        description="Delete every key of the given streams (found with SCAN), damaged heads and unreferenced chunks "
+        "included. A worker that owns a stream keeps its cache in memory "
         "and writes a new snapshot at its next checkpoint, so stop the workers of the stream's partition first. "
         "The next owner then starts the stream from an empty cache.",
     )
@@ -78,29 +79,60 @@ async def _run(args: argparse.Namespace) -> int:
         await store.close()
 
 
+def printable(text: str) -> str:
+    """Return ``text`` as it is when every character is printable, else as ``ascii(text)``.
+
+    Stream ids and topics come from Redis keys and values, which anyone with access can
+    write, so control characters (terminal escapes, line breaks) must not reach the terminal.
+    """
+    return text if text.isprintable() else ascii(text)
+
+
 async def _list(store: Any, limit: int) -> int:
+    """Print one line per stream, and one per damaged head key with the reason; exit 2 if any is damaged."""
     print(f"{'stream':<40} {'records':>7} {'bytes':>12} {'topic[partition]':<24} {'last offset':>11} committed")
     count = 0
-    async for stream_id in store.list_streams():
-        head = await store.read_head(stream_id)
+    damaged = 0
+    async for entry in store.list_heads():
+        if entry.problem is not None:
+            if entry.stream_id is not None:
+                print(f"{printable(entry.stream_id):<40} DAMAGED: {printable(entry.problem)}")
+            else:
+                # 'snapshots rm' takes stream ids, and none maps to this key.
+                print(f"key {ascii(entry.key)} DAMAGED: {printable(entry.problem)}; delete it with redis-cli UNLINK")
+            damaged += 1
+            continue
+        head = entry.head
         chain = head.latest or head.committed
         if chain is None:
             continue
-        where = f"{chain.topic}[{chain.partition}]" if chain.topic is not None else "-"
+        where = f"{printable(chain.topic)}[{chain.partition}]" if chain.topic is not None else "-"
         committed = "yes" if head.committed == head.latest else "no"
-        print(f"{stream_id:<40} {len(chain.records):>7} {chain.num_bytes:>12} {where:<24} {chain.last_offset!s:>11} {committed}")
+        print(
+            f"{printable(entry.stream_id):<40} {len(chain.records):>7} {chain.num_bytes:>12} {where:<24} "
+            f"{chain.last_offset!s:>11} {committed}"
+        )
         count += 1
         if limit and count >= limit:
             break
-    print(f"{count} streams")
-    return 0
+    if damaged:
+        print(f"{count} streams, {damaged} damaged head keys "
+              "('sinkstream snapshots rm STREAM_ID' deletes the keys of a stream)")
+    else:
+        print(f"{count} streams")
+    return 2 if damaged else 0
 
 
 async def _show(store: Any, stream_id: str) -> int:
-    from worker.state.exceptions import SnapshotRejectedError
+    from worker.state.exceptions import DamagedHeadError, SnapshotRejectedError
     from worker.state.format import read_header
 
-    head = await store.read_head(stream_id)
+    try:
+        head = await store.read_head(stream_id)
+    except DamagedHeadError as exc:
+        print(f"stream {stream_id!r}: DAMAGED head key {exc.key!r}: {printable(exc.problem)}")
+        print(f"  'sinkstream snapshots rm {printable(stream_id)}' deletes it and the stream's chunks")
+        return 2
     if head.latest is None and head.committed is None:
         print(f"no snapshot of stream {stream_id!r} under prefix {store.prefix!r}")
         return 1
@@ -109,7 +141,8 @@ async def _show(store: Any, stream_id: str) -> int:
         if chain is None:
             print(f"{name}: none")
             continue
-        print(f"{name}: {len(chain.records)} records, {chain.num_bytes} bytes, {chain.topic}[{chain.partition}] "
+        topic = printable(chain.topic) if chain.topic is not None else None
+        print(f"{name}: {len(chain.records)} records, {chain.num_bytes} bytes, {topic}[{chain.partition}] "
               f"through offset {chain.last_offset}, {chain.tokens_written} tokens written")
         if name == "committed" and chain == head.latest:
             print("  (same chain as latest)")
@@ -122,11 +155,13 @@ async def _show(store: Any, stream_id: str) -> int:
                 status = 2
                 continue
             metadata = {key: value for key, value in header["metadata"].items() if key not in ("layout", "extra")}
-            print(f"  {header['kind']} {ref.record_id}: {ref.num_bytes} bytes in {ref.num_chunks} chunks, checksum ok")
-            print(f"    model {header['fingerprint']}, engine {json.dumps(header['engine_config'], sort_keys=True)}")
+            kind, fingerprint = printable(str(header["kind"])), printable(str(header["fingerprint"]))
+            print(f"  {kind} {ref.record_id}: {ref.num_bytes} bytes in {ref.num_chunks} chunks, checksum ok")
+            print(f"    model {fingerprint}, engine {json.dumps(header['engine_config'], sort_keys=True)}")
             print(f"    metadata {json.dumps(metadata, sort_keys=True)}")
             for tensor in header["tensors"]:
-                print(f"    {tensor['name']}: {tensor['dtype']} {tensor['shape']}, {tensor['codec']}, "
+                name_dtype_codec = [printable(str(tensor[key])) for key in ("name", "dtype", "codec")]
+                print(f"    {name_dtype_codec[0]}: {name_dtype_codec[1]} {tensor['shape']}, {name_dtype_codec[2]}, "
                       f"{tensor['raw_len']} -> {tensor['stored_len']} bytes")
     return status
 
@@ -134,7 +169,7 @@ async def _show(store: Any, stream_id: str) -> int:
 async def _remove(store: Any, stream_ids: list[str]) -> int:
     status = 0
     for stream_id in stream_ids:
-        deleted = await store.delete_stream(stream_id)
+        deleted = await store.delete_stream(stream_id, every_key=True)
         if deleted:
             print(f"deleted the snapshot of stream {stream_id!r} ({deleted} keys)")
         else:

@@ -14,15 +14,31 @@ class SnapshotRejectedError(SnapshotError):
 
     Reason codes: ``checksum``, ``truncated``, ``format`` (not a snapshot, or an
     unknown format version), ``fingerprint`` (another model), ``engine_config``
-    (other sinks, window, dtype or capacity), ``chain`` (a delta without its base).
+    (other sinks, window, dtype or capacity), ``chain`` (a delta without its base),
+    ``head`` (the stream's head key is damaged, see :class:`DamagedHeadError`).
     """
 
-    REASONS = ("checksum", "truncated", "format", "fingerprint", "engine_config", "chain")
+    REASONS = ("checksum", "truncated", "format", "fingerprint", "engine_config", "chain", "head")
 
     def __init__(self, reason: str, message: str) -> None:
         assert reason in self.REASONS, f"unknown rejection reason {reason!r}"
         super().__init__(message)
         self.reason = reason
+
+
+class DamagedHeadError(SnapshotRejectedError):
+    """A stream's head key that contains something other than a valid head hash.
+
+    The key may have the wrong Redis type, or a chain field may hold invalid JSON or an
+    invalid chain. Retrying cannot help, so this is permanent for the stream: a restore
+    rejects the snapshot, and the next checkpoint deletes the key and writes a new base.
+    """
+
+    def __init__(self, stream_id: str, key: str, problem: str) -> None:
+        super().__init__("head", f"the snapshot head key {key!r} of stream {stream_id!r} is damaged: {problem}")
+        self.stream_id = stream_id
+        self.key = key
+        self.problem = problem
 
 
 class StoreUnavailableError(SnapshotError):

@@ -27,7 +27,7 @@ snapshot. It is 0 when nothing was lost, so a stream without a snapshot is new.
 A stream whose snapshot is rejected or lost follows ``StateConfig.on_rejected``:
 
 1. ``restore`` finds the stream's snapshot rejected (a checksum, model, engine
-   configuration or format mismatch), or finds no snapshot on a partition whose
+   configuration or format mismatch, or a damaged head key), or finds no snapshot on a partition whose
    snapshots were lost (see :meth:`RedisStateHooks._lost_below`) while the partition
    contains records of the stream below the lost offset.
 2. Under ``replay``, the stage reads the partition from its beginning offset up to the
@@ -37,7 +37,8 @@ A stream whose snapshot is rejected or lost follows ``StateConfig.on_rejected``:
    (retention deleted its first events), or when reading it fails, the stream starts
    from an empty cache with an ERROR and a ``restore_error`` count.
 4. A rejected chain stays the compare-and-set target of the next checkpoint, which
-   writes a new base in its place.
+   writes a new base in its place. A damaged head key (the wrong Redis type, invalid
+   JSON, an invalid chain) is deleted by the next checkpoint and replaced by a new base.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ from aiokafka.structs import TopicPartition
 from worker.state.chain import Chain
 from worker.state.config import StateConfig
 from worker.exceptions import SinkstreamError
-from worker.state.exceptions import ChainConflictError, SnapshotRejectedError, StoreUnavailableError
+from worker.state.exceptions import (
+    ChainConflictError,
+    DamagedHeadError,
+    SnapshotRejectedError,
+    StoreUnavailableError,
+)
 from worker.state.snapshots import CacheState, StreamSnapshotter
 from worker.state.store import SnapshotStore, make_client
 
@@ -159,7 +165,18 @@ class RedisStateHooks:
         as ``config.on_rejected`` selects (see the module docstring) and None is returned.
         """
         started = time.perf_counter()
-        head = await self._retry_until_available(lambda: self.store.read_head(stream_id), stream_id, tp)
+        try:
+            head = await self._retry_until_available(lambda: self.store.read_head(stream_id), stream_id, tp)
+        except DamagedHeadError as exc:
+            self.stats.rejected[exc.reason] = self.stats.rejected.get(exc.reason, 0) + 1
+            # No stored chain can be the compare-and-set target, so the next checkpoint
+            # finds the damaged key and replaces it with a new base.
+            self._latest.pop(stream_id, None)
+            self._committed.pop(stream_id, None)
+            self._rebase.add(stream_id)
+            return await self._rebuild(
+                stream_id, tp, next_offset, started, f"its snapshot was rejected ({exc.reason}: {exc})"
+            )
         chain = head.latest or head.committed
         if chain is None:
             if not await self._snapshot_lost(stream_id, tp):
@@ -242,6 +259,14 @@ class RedisStateHooks:
                     continue
                 try:
                     await self.store.mark_committed(chain, self._committed.get(stream_id), chain)
+                except DamagedHeadError as exc:
+                    # Only this stream is affected: its next checkpoint replaces the key.
+                    logger.warning(
+                        "marking the snapshot of stream %s committed at %s[%d] offset %d failed: %s; "
+                        "its next checkpoint replaces the key",
+                        stream_id, tp.topic, tp.partition, next_offset, exc,
+                    )
+                    continue
                 except StoreUnavailableError as exc:
                     # The latest chain already covers the commit, so restores stay correct;
                     # the mark is retried after the next commit of this partition.

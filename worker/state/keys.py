@@ -50,6 +50,13 @@ def head_pattern(prefix: str) -> str:
     return f"{escaped_prefix}:snap:{{*}}:head"
 
 
+def stream_pattern(prefix: str, stream_id: str) -> str:
+    """Return the SCAN MATCH pattern of every key of one stream: its head and its chunks."""
+    escaped_prefix = _GLOB_SPECIAL.sub(r"\\\1", prefix)
+    escaped_tag = _GLOB_SPECIAL.sub(r"\\\1", stream_tag(stream_id))
+    return f"{escaped_prefix}:snap:{{{escaped_tag}}}:*"
+
+
 def stream_id_from_head_key(prefix: str, key: str) -> str | None:
     """Return the stream id of a head key, or None when ``key`` is not one under ``prefix``."""
     start = f"{prefix}:snap:{{"

@@ -11,7 +11,7 @@ import torch
 
 from worker.state.chain import Chain
 from worker.state.config import StateConfig
-from worker.state.exceptions import ChainConflictError, SnapshotRejectedError
+from worker.state.exceptions import ChainConflictError, DamagedHeadError, SnapshotRejectedError
 from worker.state.format import SnapshotRecord, apply_chain, decode_record, encode_record
 from worker.state.slots import changed_slots
 from worker.state.store import SnapshotStore
@@ -119,10 +119,17 @@ class StreamSnapshotter:
         Redis no longer holds it (a restart without persistence), a new base is written in
         its place; when another worker replaced it, :class:`ChainConflictError` is raised.
         ``base=True`` writes a new base that replaces ``previous`` (for a chain that was
-        rejected on load, so no delta may build on it).
+        rejected on load, so no delta may build on it). When the stream's head key is
+        damaged (see :class:`DamagedHeadError`), a new base replaces the key.
         """
         try:
             return await self._save(state, previous, committed, topic, partition, last_offset, base)
+        except DamagedHeadError as exc:
+            logger.warning(
+                "%s; replacing the key with a new base of stream %s from the cache in memory",
+                exc, state.stream_id,
+            )
+            return await self._save(state, None, None, topic, partition, last_offset, True, replace_damaged=True)
         except ChainConflictError as exc:
             if exc.current is not None or previous is None:
                 raise
@@ -142,6 +149,7 @@ class StreamSnapshotter:
         partition: int | None,
         last_offset: int | None,
         base: bool,
+        replace_damaged: bool = False,
     ) -> tuple[Chain, SaveStats]:
         started = time.perf_counter()
         slots = None if base else plan_delta(previous, state, self.config.max_deltas)
@@ -181,7 +189,7 @@ class StreamSnapshotter:
             created_at=time.time(),
             extra={"delta_slots": delta_slots, "cache_epoch": state.cache_epoch},
         )
-        await self.store.publish(chain, [ref], previous, committed)
+        await self.store.publish(chain, [ref], previous, committed, replace_damaged=replace_damaged)
         stats = SaveStats(
             kind=record.kind,
             num_slots=state.capacity if slots is None else len(slots),

@@ -10,6 +10,11 @@ Write path, for one stream:
 3. Records of the previous chain that neither ``latest`` nor ``committed`` references
    are deleted.
 
+A head key that is not a valid head hash (the wrong Redis type, a chain field with
+invalid JSON or an invalid chain) raises :class:`DamagedHeadError`, never
+:class:`StoreUnavailableError`, because retrying cannot repair it. ``publish`` with
+``replace_damaged=True`` deletes such a key and writes the new chain in its place.
+
 Every I/O call runs shielded from cancellation. A caller that is cancelled (a timeout, a
 revoked partition) leaves the command to finish, so a pooled connection is not returned
 with an unread reply, which the next command would read as its own (seen in redis-py
@@ -23,21 +28,28 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from worker.state import keys
-from worker.state.chain import Chain, RecordRef, obsolete_records
+from worker.state.chain import Chain, InvalidChainError, RecordRef, obsolete_records
 from worker.state.config import StateConfig
-from worker.state.exceptions import ChainConflictError, SnapshotRejectedError, StoreUnavailableError
+from worker.state.exceptions import (
+    ChainConflictError,
+    DamagedHeadError,
+    SnapshotRejectedError,
+    StoreUnavailableError,
+)
 from worker.state.format import split_chunks
 
 logger = logging.getLogger(__name__)
@@ -46,6 +58,8 @@ T = TypeVar("T")
 
 # Chunks written but not yet referenced by a chain expire after this many seconds.
 ORPHAN_TTL_S = 24 * 3600
+# Key names per UNLINK or SCAN round trip when deleting chunks.
+DELETE_BATCH_KEYS = 1000
 
 
 @dataclass
@@ -54,6 +68,25 @@ class Head:
 
     latest: Chain | None
     committed: Chain | None
+
+
+@dataclass
+class HeadEntry:
+    """One key that SCAN found under the head pattern, for listings.
+
+    ``stream_id`` is None when no stream id maps to the key name. ``problem`` is the reason
+    the key is damaged, and then ``head`` is None.
+    """
+
+    key: bytes
+    stream_id: str | None
+    head: Head | None
+    problem: str | None = None
+
+
+def is_wrong_type(exc: BaseException) -> bool:
+    """Return True for Redis's WRONGTYPE reply: a command met a key of another type."""
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
 
 
 def make_client(config: StateConfig, **connection_kwargs: Any) -> aioredis.Redis:
@@ -92,8 +125,17 @@ class SnapshotStore:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def _run(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run ``operation`` shielded from cancellation; map Redis errors to StoreUnavailableError."""
+    async def _run(
+        self,
+        operation: Callable[[], Awaitable[T]],
+        what: str,
+        on_wrong_type: Callable[[ResponseError], Exception] | None = None,
+    ) -> T:
+        """Run ``operation`` shielded from cancellation; map Redis errors to StoreUnavailableError.
+
+        A WRONGTYPE reply is raised as ``on_wrong_type(exc)`` when that is given, because
+        a key of the wrong type stays wrong however often the command is retried.
+        """
         task = asyncio.ensure_future(operation())
         try:
             return await asyncio.shield(task)
@@ -104,6 +146,10 @@ class SnapshotStore:
             raise StoreUnavailableError(f"Redis at {self.config.redis_url} failed during {what}: {exc}") from exc
         except WatchError:
             raise
+        except ResponseError as exc:
+            if on_wrong_type is not None and is_wrong_type(exc):
+                raise on_wrong_type(exc) from exc
+            raise StoreUnavailableError(f"Redis command failed during {what}: {exc}") from exc
         except RedisError as exc:
             raise StoreUnavailableError(f"Redis command failed during {what}: {exc}") from exc
 
@@ -136,25 +182,47 @@ class SnapshotStore:
         return RecordRef(record_id=record_id, kind=kind, num_chunks=len(chunks), num_bytes=len(data))
 
     async def publish(
-        self, chain: Chain, new_records: list[RecordRef], previous: Chain | None, committed: Chain | None
+        self,
+        chain: Chain,
+        new_records: list[RecordRef],
+        previous: Chain | None,
+        committed: Chain | None,
+        replace_damaged: bool = False,
     ) -> None:
         """Make ``chain`` the stream's latest chain in one MULTI/EXEC, then delete what it replaced.
 
         The switch happens only while the stored latest chain is still ``previous`` (checked
         under WATCH); otherwise :class:`ChainConflictError` is raised and nothing changes.
+        A damaged head key raises :class:`DamagedHeadError`, unless ``replace_damaged``
+        is set: then the key is deleted and replaced by a head with only ``chain``, and
+        every other chunk key of the stream is deleted, because the damaged key no
+        longer lists the records it referenced.
         """
         stream_id = chain.stream_id
         head = keys.head_key(self.prefix, stream_id)
+        damaged: DamagedHeadError | None = None
 
         async def switch() -> None:
+            nonlocal damaged
             async with self._client.pipeline(transaction=True) as pipe:
                 await pipe.watch(head)
-                stored = await pipe.hget(head, "latest")
-                current = Chain.from_json(stored) if stored else None
-                if current != previous:
+                try:
+                    current = self._parse_head(stream_id, await pipe.hgetall(head)).latest
+                except ResponseError as exc:
+                    if not is_wrong_type(exc):
+                        raise
+                    damaged = DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})")
+                except DamagedHeadError as exc:
+                    damaged = exc
+                if damaged is not None and not replace_damaged:
+                    await pipe.unwatch()
+                    raise damaged
+                if damaged is None and current != previous:
                     await pipe.unwatch()
                     raise ChainConflictError(stream_id, current)
                 pipe.multi()
+                if damaged is not None:
+                    pipe.delete(head)
                 pipe.hset(head, "latest", chain.to_json())
                 for ref in new_records:
                     for index in range(ref.num_chunks):
@@ -165,37 +233,99 @@ class SnapshotStore:
             await self._run(switch, f"the pointer switch of stream {stream_id}")
         except WatchError as exc:
             raise ChainConflictError(stream_id, "changed while this worker switched it") from exc
+        if damaged is not None:
+            await self._delete_chunks_except(stream_id, chain.record_ids())
+            return
         await self._delete_records(stream_id, obsolete_records(previous, chain, committed))
 
     async def mark_committed(self, chain: Chain, previous_committed: Chain | None, latest: Chain | None) -> None:
         """Set ``chain`` as the stream's committed chain, then delete records nothing references."""
         stream_id = chain.stream_id
+        head = keys.head_key(self.prefix, stream_id)
         await self._run(
-            lambda: self._client.hset(keys.head_key(self.prefix, stream_id), "committed", chain.to_json()),
+            lambda: self._client.hset(head, "committed", chain.to_json()),
             f"the commit mark of stream {stream_id}",
+            on_wrong_type=lambda exc: DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})"),
         )
         await self._delete_records(stream_id, obsolete_records(previous_committed, chain, latest))
 
-    async def _delete_records(self, stream_id: str, refs: list[RecordRef]) -> None:
-        if not refs:
-            return
-        names = [
-            keys.chunk_key(self.prefix, stream_id, ref.record_id, index)
-            for ref in refs
-            for index in range(ref.num_chunks)
-        ]
-        await self._run(lambda: self._client.unlink(*names), f"the cleanup of stream {stream_id}")
+    async def _delete_records(self, stream_id: str, refs: list[RecordRef]) -> int:
+        """Delete the chunks of ``refs`` in batches; returns the number of keys deleted.
+
+        The chunks of one record are deleted in index order, and a record's chunks are
+        contiguous from 0, so a batch that deletes nothing ends that record. That bounds
+        the work for a record whose ``num_chunks`` is damaged but plausible.
+        """
+        deleted = 0
+        for ref in refs:
+            names = (keys.chunk_key(self.prefix, stream_id, ref.record_id, index) for index in range(ref.num_chunks))
+            for batch in _batches(names, DELETE_BATCH_KEYS):
+                count = int(
+                    await self._run(lambda: self._client.unlink(*batch), f"the cleanup of stream {stream_id}")
+                )
+                deleted += count
+                if count == 0:
+                    break
+        return deleted
+
+    async def _delete_chunks_except(self, stream_id: str, keep_record_ids: set[str]) -> int:
+        """Delete every chunk key of the stream whose record id is not in ``keep_record_ids`` (SCAN)."""
+        # Chunk keys are "<stream keys>r:<record id>:<n>", next to "<stream keys>head".
+        chunk_start = (keys.head_key(self.prefix, stream_id).removesuffix("head") + "r:").encode()
+        kept_prefixes = tuple(chunk_start + f"{record_id}:".encode() for record_id in keep_record_ids)
+        deleted = 0
+        async for names in self._scan(keys.stream_pattern(self.prefix, stream_id)):
+            doomed = [name for name in names if name.startswith(chunk_start) and not name.startswith(kept_prefixes)]
+            if doomed:
+                deleted += int(
+                    await self._run(lambda: self._client.unlink(*doomed), f"the cleanup of stream {stream_id}")
+                )
+        return deleted
+
+    async def _scan(self, pattern: str, count: int = DELETE_BATCH_KEYS) -> AsyncIterator[list[bytes]]:
+        """Yield the key names matching ``pattern``, one SCAN page at a time."""
+        cursor: Any = 0
+        while True:
+            cursor, names = await self._run(
+                lambda: self._client.scan(cursor=cursor, match=pattern, count=count), f"SCAN {pattern}"
+            )
+            if names:
+                yield names
+            if not cursor:
+                return
 
     async def read_head(self, stream_id: str) -> Head:
+        """Read and validate a stream's head; raises DamagedHeadError when it is damaged."""
+        head = keys.head_key(self.prefix, stream_id)
         fields = await self._run(
-            lambda: self._client.hgetall(keys.head_key(self.prefix, stream_id)), f"the head read of stream {stream_id}"
+            lambda: self._client.hgetall(head),
+            f"the head read of stream {stream_id}",
+            on_wrong_type=lambda exc: DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})"),
         )
-        latest = fields.get(b"latest")
-        committed = fields.get(b"committed")
-        return Head(
-            latest=Chain.from_json(latest) if latest else None,
-            committed=Chain.from_json(committed) if committed else None,
-        )
+        return self._parse_head(stream_id, fields)
+
+    def _parse_head(self, stream_id: str, fields: dict[bytes, bytes]) -> Head:
+        """Parse the fields of a head hash; raises DamagedHeadError naming the field and the problem."""
+        chains: dict[str, Chain | None] = {}
+        for name in ("latest", "committed"):
+            value = fields.get(name.encode())
+            if not value:
+                chains[name] = None
+                continue
+            try:
+                chain = Chain.from_json(value)
+            except InvalidChainError as exc:
+                raise DamagedHeadError(
+                    stream_id, keys.head_key(self.prefix, stream_id), f"field {name!r}: {exc}"
+                ) from exc
+            if chain.stream_id != stream_id:
+                raise DamagedHeadError(
+                    stream_id,
+                    keys.head_key(self.prefix, stream_id),
+                    f"field {name!r} holds the chain of stream {chain.stream_id!r}",
+                )
+            chains[name] = chain
+        return Head(latest=chains["latest"], committed=chains["committed"])
 
     async def read_partition_marker(self, topic: str, partition: int) -> int | None:
         """Return the ``covered_from`` offset of the partition's checkpoint marker, or None when it is missing."""
@@ -216,20 +346,36 @@ class SnapshotStore:
         return bool(created)
 
     async def read_record(self, stream_id: str, ref: RecordRef) -> bytes:
-        """Read and join the chunks of one record; a missing chunk rejects the record as truncated."""
-        names = [keys.chunk_key(self.prefix, stream_id, ref.record_id, index) for index in range(ref.num_chunks)]
+        """Read and join the chunks of one record; a missing chunk rejects the record as truncated.
+
+        Chunks are read one pipeline at a time, and reading stops at the first pipeline
+        that misses a chunk or returns more than ``num_bytes``, so a damaged ``num_chunks``
+        costs one round trip.
+        """
         per_pipeline = max(1, self.config.pipeline_max_bytes // self.config.chunk_max_bytes)
 
         async def read() -> list[bytes | None]:
             values: list[bytes | None] = []
-            for start in range(0, len(names), per_pipeline):
+            total = 0
+            names = (keys.chunk_key(self.prefix, stream_id, ref.record_id, index) for index in range(ref.num_chunks))
+            for batch in _batches(names, per_pipeline):
                 pipe = self._client.pipeline(transaction=False)
-                for name in names[start : start + per_pipeline]:
+                for name in batch:
                     pipe.get(name)
-                values.extend(await pipe.execute())
+                replies = await pipe.execute()
+                values.extend(replies)
+                total += sum(len(value) for value in replies if value is not None)
+                if None in replies or total > ref.num_bytes:
+                    break
             return values
 
-        values = await self._run(read, f"the read of record {ref.record_id} of stream {stream_id}")
+        values = await self._run(
+            read,
+            f"the read of record {ref.record_id} of stream {stream_id}",
+            on_wrong_type=lambda exc: SnapshotRejectedError(
+                "format", f"record {ref.record_id} of stream {stream_id} has a chunk key that is not a string: {exc}"
+            ),
+        )
         missing = [index for index, value in enumerate(values) if value is None]
         if missing:
             raise SnapshotRejectedError(
@@ -243,32 +389,78 @@ class SnapshotStore:
         return data
 
     async def list_streams(self, count: int = 1000) -> AsyncIterator[str]:
-        """Yield the id of every stream that has a head key under this prefix."""
-        pattern = keys.head_pattern(self.prefix)
-        cursor: Any = 0
-        while True:
-            cursor, names = await self._run(
-                lambda: self._client.scan(cursor=cursor, match=pattern, count=count), "SCAN"
-            )
+        """Yield the id of every stream that has a head key under this prefix.
+
+        A key name that is not UTF-8 names no stream id and is skipped with a WARNING;
+        :meth:`list_heads` reports it.
+        """
+        async for names in self._scan(keys.head_pattern(self.prefix), count):
             for name in names:
-                stream_id = keys.stream_id_from_head_key(self.prefix, name.decode())
+                try:
+                    text = name.decode()
+                except UnicodeDecodeError:
+                    logger.warning("skipped head key %s under prefix %r: its name is not UTF-8", ascii(name), self.prefix)
+                    continue
+                stream_id = keys.stream_id_from_head_key(self.prefix, text)
                 if stream_id is not None:
                     yield stream_id
-            if not cursor:
-                return
 
-    async def delete_stream(self, stream_id: str) -> int:
-        """Delete a stream's head and every record it references; returns the number of keys deleted."""
-        head = await self.read_head(stream_id)
-        names = [keys.head_key(self.prefix, stream_id)]
-        seen: set[str] = set()
-        for chain in (head.latest, head.committed):
-            for ref in chain.records if chain else []:
-                if ref.record_id in seen:
+    async def list_heads(self, count: int = 1000) -> AsyncIterator[HeadEntry]:
+        """Yield every key under the head pattern with its parsed head, or the reason it is damaged."""
+        async for names in self._scan(keys.head_pattern(self.prefix), count):
+            for name in names:
+                try:
+                    text = name.decode()
+                except UnicodeDecodeError:
+                    yield HeadEntry(name, None, None, "the key name is not UTF-8, so no stream id maps to it")
                     continue
-                seen.add(ref.record_id)
-                names.extend(keys.chunk_key(self.prefix, stream_id, ref.record_id, i) for i in range(ref.num_chunks))
-        return int(await self._run(lambda: self._client.unlink(*names), f"the deletion of stream {stream_id}"))
+                stream_id = keys.stream_id_from_head_key(self.prefix, text)
+                if stream_id is None:
+                    continue
+                if keys.head_key(self.prefix, stream_id) != text:
+                    # A tag with an unescaped '{', '}' or '%' sequence that the encoding never writes.
+                    yield HeadEntry(name, None, None, "the key name is not the head key of any stream id")
+                    continue
+                try:
+                    head = await self.read_head(stream_id)
+                except DamagedHeadError as exc:
+                    yield HeadEntry(name, stream_id, None, exc.problem)
+                    continue
+                yield HeadEntry(name, stream_id, head)
+
+    async def delete_stream(self, stream_id: str, every_key: bool = False) -> int:
+        """Delete a stream's head and its records; returns the number of keys deleted.
+
+        By default the records the head references are deleted. With ``every_key``, or
+        when the head is damaged, every key of the stream is found with SCAN and deleted,
+        unreferenced chunks included.
+        """
+        head_name = keys.head_key(self.prefix, stream_id)
+        if not every_key:
+            try:
+                head = await self.read_head(stream_id)
+            except DamagedHeadError as exc:
+                logger.warning("deleting every key of stream %s with SCAN: %s", stream_id, exc)
+            else:
+                refs: dict[str, RecordRef] = {}
+                for chain in (head.latest, head.committed):
+                    refs.update((ref.record_id, ref) for ref in (chain.records if chain else []))
+                deleted = await self._delete_records(stream_id, list(refs.values()))
+                return deleted + int(
+                    await self._run(lambda: self._client.unlink(head_name), f"the deletion of stream {stream_id}")
+                )
+        deleted = 0
+        async for names in self._scan(keys.stream_pattern(self.prefix, stream_id)):
+            deleted += int(
+                await self._run(lambda: self._client.unlink(*names), f"the deletion of stream {stream_id}")
+            )
+        return deleted
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
 
 
 def _log_orphaned_failure(task: asyncio.Future) -> None:
