@@ -9,6 +9,7 @@ from tests.state.conftest import ENGINE_CONFIG, FINGERPRINT, cache_state
 from worker.state import keys
 from worker.state.exceptions import SnapshotRejectedError, StoreUnavailableError
 from worker.state.snapshots import StreamSnapshotter
+from worker.state.config import StateConfig
 from worker.state.store import SnapshotStore
 
 
@@ -195,3 +196,15 @@ async def test_store_cancelled_write_leaves_connection_usable(store, state_confi
     for attempt in range(20):
         await store.client.set(f"{state_config.key_prefix}:probe", str(attempt))
         assert await store.client.get(f"{state_config.key_prefix}:probe") == str(attempt).encode()
+
+
+async def test_store_more_commands_than_connections_wait(redis_server):
+    """Commands beyond max_connections wait for a free connection instead of failing."""
+    store = SnapshotStore(StateConfig(redis_url=redis_server.url, key_prefix="pool", max_connections=2))
+    try:
+        # Each BLPOP holds its connection for 0.1 s, so six of them must wait for one.
+        replies = await asyncio.gather(*(store.client.blpop(["pool:nothing"], timeout=0.1) for _ in range(8)))
+        assert replies == [None] * 8
+        assert store.client.connection_pool.max_connections == 2
+    finally:
+        await store.close()

@@ -50,6 +50,12 @@ class StateConfig(BaseSettings):
         ),
     )
     connect_timeout_s: float = Field(5.0, gt=0, description="Redis connect timeout in seconds")
+    max_connections: int = Field(
+        64, ge=1, le=10_000, description="Redis connections of one worker; further commands wait for a free one"
+    )
+    pool_wait_s: float = Field(
+        60.0, gt=0, description="seconds a command waits for a free connection before it fails"
+    )
     retries: int = Field(3, ge=0, description="retries of a Redis command after a connection error or timeout")
     retry_backoff_cap_s: float = Field(2.0, gt=0, description="maximum backoff between retries in seconds")
     checkpoint_interval_events: int = Field(

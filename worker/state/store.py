@@ -90,12 +90,16 @@ def is_wrong_type(exc: BaseException) -> bool:
 
 
 def make_client(config: StateConfig, **connection_kwargs: Any) -> aioredis.Redis:
-    """Return a redis.asyncio client with the timeouts and retries of ``config``.
+    """Return a redis.asyncio client with the timeouts, retries and connection bound of ``config``.
 
-    ``connection_kwargs`` (password, ssl_ca_certs, ...) go to ``Redis.from_url``.
+    ``connection_kwargs`` (password, ssl_ca_certs, ...) go to the connections. The pool
+    blocks when all ``max_connections`` are busy: redis-py's default pool raises "Too many
+    connections" instead, which a worker restoring more than 100 streams at once can reach.
     """
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=config.max_connections,
+        timeout=config.pool_wait_s,
         socket_timeout=config.socket_timeout_s,
         socket_connect_timeout=config.connect_timeout_s,
         retry=Retry(ExponentialBackoff(cap=config.retry_backoff_cap_s, base=0.05), config.retries),
@@ -103,6 +107,7 @@ def make_client(config: StateConfig, **connection_kwargs: Any) -> aioredis.Redis
         health_check_interval=30,
         **connection_kwargs,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def new_record_id() -> str:
