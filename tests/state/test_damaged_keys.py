@@ -340,3 +340,27 @@ def test_snapshots_rm_stream_with_glob_characters(state_config, client, capsys):
     assert client.keys(keys.stream_pattern(prefix, "a*")) == []
     assert client.keys(keys.stream_pattern(prefix, "ab")) != []
     assert client.keys(keys.stream_pattern(prefix, "a[b]")) != []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda client, name: client.set(name, "not a hash"),
+        lambda client, name: client.hset(name, "covered_from", "twelve"),
+        lambda client, name: client.hset(name, "covered_from", "-3"),
+    ],
+    ids=["wrong_type", "not_an_offset", "negative"],
+)
+async def test_store_damaged_marker_deleted_read_missing(store, state_config, client, damage, caplog):
+    name = keys.partition_marker_key(state_config.key_prefix, "events", 2)
+    damage(client, name)
+
+    with caplog.at_level(logging.WARNING, logger="worker.state.store"):
+        covered_from = await store.read_partition_marker("events", 2)
+
+    assert covered_from is None
+    assert client.exists(name) == 0
+    assert any("checkpoint marker" in record.getMessage() and "damaged" in record.getMessage()
+               for record in caplog.records)
+    assert await store.create_partition_marker("events", 2, 7)
+    assert await store.read_partition_marker("events", 2) == 7

@@ -333,12 +333,37 @@ class SnapshotStore:
         return Head(latest=chains["latest"], committed=chains["committed"])
 
     async def read_partition_marker(self, topic: str, partition: int) -> int | None:
-        """Return the ``covered_from`` offset of the partition's checkpoint marker, or None when it is missing."""
-        value = await self._run(
-            lambda: self._client.hget(keys.partition_marker_key(self.prefix, topic, partition), "covered_from"),
-            f"the marker read of {topic}[{partition}]",
-        )
-        return int(value) if value is not None else None
+        """Return the ``covered_from`` offset of the partition's checkpoint marker, or None when it is missing.
+
+        A damaged marker (a key of another type, or a value that is not an offset) is
+        deleted and read as missing, so the caller applies its rule for a lost marker,
+        the cautious choice when the offset is unknown.
+        """
+        name = keys.partition_marker_key(self.prefix, topic, partition)
+        damage = None
+        try:
+            value = await self._run(
+                lambda: self._client.hget(name, "covered_from"),
+                f"the marker read of {topic}[{partition}]",
+                on_wrong_type=lambda exc: ValueError(f"the key is not a hash ({exc})"),
+            )
+        except ValueError as exc:
+            damage = str(exc)
+        else:
+            if value is None:
+                return None
+            try:
+                covered_from = int(value)
+            except ValueError:
+                damage = f"covered_from is {value[:40]!r}, not an offset"
+            else:
+                if covered_from >= 0:
+                    return covered_from
+                damage = f"covered_from is {covered_from}, a negative offset"
+        logger.warning("the checkpoint marker %s of %s[%d] is damaged (%s); deleting it and reading it as missing",
+                       ascii(name), topic, partition, damage)
+        await self._run(lambda: self._client.unlink(name), f"the marker delete of {topic}[{partition}]")
+        return None
 
     async def create_partition_marker(self, topic: str, partition: int, covered_from: int) -> bool:
         """Create the partition's checkpoint marker unless it exists; return True when this call created it."""
