@@ -405,3 +405,14 @@ def test_route_bad_bootstrap_shows_value(capsys):
 
     assert exit_code == 2
     assert "kafka.bootstrap_servers='localhost'" in stderr
+
+
+def test_worker_state_variable_invalid_rejected(capsys, monkeypatch):
+    monkeypatch.setenv("SINKSTREAM_STATE_MAX_CONNECTIONS", "abc")
+
+    exit_code, stderr = run_worker(capsys, "--checkpoint.store", "redis")
+
+    assert exit_code == 2
+    assert_one_error(stderr)
+    assert "max_connections='abc'" in stderr
+    assert "SINKSTREAM_STATE_" in stderr

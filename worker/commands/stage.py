@@ -36,6 +36,10 @@ def run_worker_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     check_files_exist(settings)
     check_device(settings.engine.device)
+    if settings.checkpoint.store == "redis":
+        from worker.state.hooks import state_config
+
+        state_config(settings)  # validates the SINKSTREAM_STATE_* variables before the model loads
     asyncio.run(run_worker(settings))
     return 0
 

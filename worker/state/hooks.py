@@ -519,25 +519,46 @@ class RedisStateHooks:
             self.metrics.restored(source, time.perf_counter() - started, num_bytes)
 
 
-def from_worker_settings(settings: Any, engine: Any, metrics: Any | None = None) -> RedisStateHooks:
-    """Return hooks for a worker: Redis from ``settings.redis``, intervals from ``settings.checkpoint``."""
-    from worker.state.engine_adapter import to_cache_state, to_engine_snapshot
+def state_config(settings: Any) -> StateConfig:
+    """Build the state settings of a worker from its settings and the SINKSTREAM_STATE_* variables.
+
+    Raises ConfigError naming each invalid value, so the worker can check before it loads the model.
+    """
+    from pydantic import ValidationError
+
+    from worker.exceptions import ConfigError
+    from worker.stage.settings import validation_problems
 
     redis_settings = settings.redis
     url = redis_settings.url
     if redis_settings.tls and url.startswith("redis://"):
         url = "rediss://" + url.removeprefix("redis://")
-    config = StateConfig(
-        redis_url=url,
-        key_prefix=redis_settings.key_prefix.rstrip(":") or "sinkstream",
-        socket_timeout_s=max(redis_settings.socket_timeout_s, 1.0),
-        checkpoint_interval_events=settings.checkpoint.interval_events,
-        checkpoint_interval_s=settings.checkpoint.interval_s,
-        max_unsafe_s=settings.checkpoint.max_unsafe_s,
-        on_rejected=settings.checkpoint.on_rejected,
-        max_resident_streams=settings.engine.max_resident_streams,
-        max_host_streams=settings.engine.max_host_streams,
-    )
+    try:
+        return StateConfig(
+            redis_url=url,
+            key_prefix=redis_settings.key_prefix.rstrip(":") or "sinkstream",
+            socket_timeout_s=max(redis_settings.socket_timeout_s, 1.0),
+            checkpoint_interval_events=settings.checkpoint.interval_events,
+            checkpoint_interval_s=settings.checkpoint.interval_s,
+            max_unsafe_s=settings.checkpoint.max_unsafe_s,
+            on_rejected=settings.checkpoint.on_rejected,
+            max_resident_streams=settings.engine.max_resident_streams,
+            max_host_streams=settings.engine.max_host_streams,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(validation_problems(exc))
+        raise ConfigError(
+            f"invalid state settings: {problems}; fix the SINKSTREAM_STATE_<FIELD> variable of each field "
+            "(fields are listed in docs/state.md)"
+        ) from None
+
+
+def from_worker_settings(settings: Any, engine: Any, metrics: Any | None = None) -> RedisStateHooks:
+    """Return hooks for a worker: Redis from ``settings.redis``, intervals from ``settings.checkpoint``."""
+    from worker.state.engine_adapter import to_cache_state, to_engine_snapshot
+
+    redis_settings = settings.redis
+    config = state_config(settings)
     connection_kwargs: dict[str, Any] = {}
     if redis_settings.password is not None:
         connection_kwargs["password"] = redis_settings.password.get_secret_value()
