@@ -98,3 +98,15 @@ def test_models_invalid_device_names_fix(name):
 
     with pytest.raises(ConfigError, match="use cpu or cuda"):
         parse_device(name)
+
+
+def test_engine_available_memory_counts_page_cache():
+    """The pool check reads MemAvailable: free pages alone leave out the reclaimable page cache."""
+    import torch
+
+    from worker.engine.engine import _available_memory
+
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+    expected = int(meminfo["MemAvailable"].split()[0]) * 1024
+    measured = _available_memory(torch.device("cpu"))
+    assert abs(measured - expected) < 256 * 2**20

@@ -63,8 +63,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     turns_left = {stream_id: list(turns) for stream_id, turns in conversations.items()}
+    role = None if args.file is not None else "user"  # a file is continued as text, not answered as a chat turn
     for stream_id, turns in turns_left.items():
-        engine.submit(Request(stream_id, "turn-1", text=turns.pop(0), role="user", generate=params))
+        engine.submit(Request(stream_id, "turn-1", text=turns.pop(0), role=role, generate=params))
     num_replies = generated = 0
     while engine.has_work():
         for result in engine.step():
@@ -73,7 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
             _print_result(result, args.json_lines)
             if turns_left[result.stream_id]:
                 engine.submit(Request(result.stream_id, "turn-2", text=turns_left[result.stream_id].pop(0),
-                                      role="user", generate=params))
+                                      role=role, generate=params))
     elapsed = time.monotonic() - started
     print(f"{len(conversations)} streams, {num_replies} replies, {generated} tokens generated in {elapsed:.1f} s "
           f"({generated / elapsed:.1f} tokens/s)", file=sys.stderr)

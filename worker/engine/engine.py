@@ -162,6 +162,15 @@ def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
+    # MemAvailable counts the page cache that the kernel can reclaim; free pages alone
+    # (sysconf's SC_AVPHYS_PAGES) read a few GiB on a machine with many GiB to spare.
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
