@@ -303,6 +303,12 @@ def test_tail_shows_dead_letter_reason(broker, new_topics, capsys):
     assert "DEAD LETTER invalid_json: the value is not valid JSON" in out
     assert "from events[1]@5" in out
 
+    exit_code, out = run_tool(capsys, "tail", "--bootstrap-servers", broker.bootstrap_servers, "--topic", dlq,
+                              "--from-beginning", "--max-messages", "1", "--idle-timeout", "10", "--json-lines")
+    line = json.loads(out)
+    assert line["dead_letter"]["reason"] == "invalid_json"
+    assert line["dead_letter"]["source"] == {"topic": "events", "partition": 1, "offset": 5}
+
 
 def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:
     lines = []

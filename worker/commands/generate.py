@@ -63,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     turns_left = {stream_id: list(turns) for stream_id, turns in conversations.items()}
-    role = None if args.file is not None else "user"  # a file is continued as text, not answered as a chat turn
+    role = None if args.file is not None else "user"  # the model continues a file as text; MT-Bench turns are chat turns
     for stream_id, turns in turns_left.items():
         engine.submit(Request(stream_id, "turn-1", text=turns.pop(0), role=role, generate=params))
     num_replies = generated = 0

@@ -256,7 +256,8 @@ def _check_event_texts(args: argparse.Namespace, texts: list[str | None], action
     if action in ("reset", "end"):
         if texts != [None]:
             raise ConfigError(
-                f"--action {action} takes no text, but {len(texts)} event texts were given; send the text in "
+                f"--action {action} takes no text, but {len(texts)} "
+                f"{'event text was' if len(texts) == 1 else 'event texts were'} given; send the text in "
                 "a separate append event"
             )
         if args.role:
@@ -423,7 +424,10 @@ def format_record(record: Any, json_lines: bool = False) -> str:
         else:
             line["value"] = value_text
         if dead_letter is not None:
-            line["dead_letter"] = {"reason": dead_letter.reason, "message": dead_letter.message}
+            line["dead_letter"] = {
+                "reason": dead_letter.reason, "message": dead_letter.message,
+                "source": {"topic": dead_letter.topic, "partition": dead_letter.partition, "offset": dead_letter.offset},
+            }
         return json.dumps(line, ensure_ascii=False)
     if dead_letter is not None:
         return (
@@ -449,6 +453,10 @@ def _add_route_parser(subparsers: argparse._SubParsersAction) -> None:
     route = subparsers.add_parser(
         "route",
         help="run the faust router: ingress JSON events -> events topic keyed by stream id, or dead letters",
+        description="Read JSON events with a stream_id field from the ingress topic, whatever their key, and "
+        "write each to the events topic keyed by its stream id, or to the dead-letter topic with a reason. "
+        "Runs until SIGINT or SIGTERM; settings come from flags and SINKSTREAM_ROUTER__* and SINKSTREAM_KAFKA__* "
+        "variables.",
     )
     route.add_argument("--ingress-topic", help="topic to read (env SINKSTREAM_ROUTER__INGRESS_TOPIC)")
     route.add_argument("--app-id", help="faust app id and consumer group (env SINKSTREAM_ROUTER__APP_ID)")

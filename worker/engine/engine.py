@@ -162,8 +162,8 @@ def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    # MemAvailable counts the page cache that the kernel can reclaim; free pages alone
-    # (sysconf's SC_AVPHYS_PAGES) read a few GiB on a machine with many GiB to spare.
+    # MemAvailable counts the page cache that the kernel can reclaim. Free pages alone
+    # (sysconf's SC_AVPHYS_PAGES) can read a few GiB on a machine with many GiB to spare.
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             for line in meminfo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     clean.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
+    # save_pretrained leaves the weights at mode 0600 while the other files follow the
+    # umask. Users who share SINKSTREAM_HOME need to read them all.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in partial.iterdir():
+        path.chmod(0o666 & ~umask)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     logger.info("model ready at %s", target)
