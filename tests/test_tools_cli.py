@@ -433,3 +433,13 @@ def test_produce_unreachable_broker_names_broker(capsys):
     assert exit_code == 2
     assert "check the broker address" in err
     assert "REDIS" not in err
+
+
+def test_produce_event_json_via_router_checked_as_router(broker, new_topics, capsys):
+    (topic,) = new_topics("ingress", create=False)
+
+    exit_code, err = run_sinkstream(capsys, "produce", "--bootstrap-servers", broker.bootstrap_servers, "--topic",
+                                    topic, "--stream", "s", "--event-json", "--via-router", '{"text": "hi"}')
+
+    assert exit_code == 2
+    assert "reason missing_stream_id" in err

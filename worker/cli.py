@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("sinkstream").debug("command failed", exc_info=True)
             # aiokafka's messages start with the class name already.
             message = str(exc) if str(exc).startswith(type(exc).__name__) else f"{type(exc).__name__}: {exc}"
-            if type(exc).__module__.startswith("redis"):
+            if type(exc).__name__ == "MessageSizeTooLargeError":
+                hint = "the record is larger than the producer's max_request_size; send smaller events"
+            elif type(exc).__module__.startswith("redis"):
                 hint = "check the Redis URL (SINKSTREAM_REDIS__URL, --redis-url or --redis.url)"
             else:
                 hint = "check the broker address (--bootstrap-servers or SINKSTREAM_KAFKA__BOOTSTRAP_SERVERS)"

@@ -75,24 +75,31 @@ async def test_dead_letters_bad_inputs_partition_continues(broker, stage_topics,
 async def test_dead_letters_oversized_record_drops_value(broker, stage_topics, make_settings, make_engine):
     settings = make_settings()
     oversized = b"x" * 1_200_000  # above aiokafka's default request size of 1,048,576 bytes
+    huge_key = b"k" * 1_000_000
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers, max_request_size=4 * 1024 * 1024)
     await producer.start()
     try:
         await producer.send_and_wait(stage_topics.events, oversized, key=b"s1", partition=0)
+        await producer.send_and_wait(stage_topics.events, b"{not json", key=huge_key, partition=0,
+                                     headers=[("content-type", b"application/json")])
         await producer.send_and_wait(stage_topics.events, b"good event", key=b"s1", partition=0)
     finally:
         await producer.stop()
 
     async with running_worker(settings, make_engine()) as worker:
-        (dead,) = await consume(broker.bootstrap_servers, stage_topics.dlq, 1, timeout_s=60)
+        dead = await consume(broker.bootstrap_servers, stage_topics.dlq, 2, timeout_s=60)
         (output,) = await consume(broker.bootstrap_servers, stage_topics.outputs, 1, timeout_s=60)
         assert not worker.runner.error
 
-    assert read_dead_letter(dead.headers).reason == "text_too_large"
-    assert dead.value == b""
-    assert dict(dead.headers)["x-sinkstream-dropped"] == b"value 1200000 bytes"
-    assert dead.key == b"s1"
-    assert output_json(output)["source"]["offset"] == 1
+    by_offset = {read_dead_letter(record.headers).offset: record for record in dead}
+    assert read_dead_letter(by_offset[0].headers).reason == "text_too_large"
+    assert by_offset[0].value == b""
+    assert dict(by_offset[0].headers)["x-sinkstream-dropped"] == b"value 1200000 bytes"
+    assert by_offset[0].key == b"s1"
+    assert read_dead_letter(by_offset[1].headers).reason == "invalid_json"
+    assert dict(by_offset[1].headers)["x-sinkstream-dropped"] == b"value 9 bytes, headers 28 bytes, key 1000000 bytes"
+    assert by_offset[1].key is None, "a key above the producer's request size is left out"
+    assert output_json(output)["source"]["offset"] == 2
 
 
 async def test_dead_letters_validation_bug_partition_continues(broker, stage_topics, make_settings, make_engine,

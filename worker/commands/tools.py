@@ -242,8 +242,12 @@ def _check_records(settings: Any, args: argparse.Namespace, records: list, topic
     limits = settings.stage.event_limits()
     for position, (key, value, headers) in enumerate(records, start=1):
         try:
-            messages.parse_event(key or args.stream.encode("utf-8"), value, headers, topic, 0, 0, limits,
-                                 raw_action=settings.stage.raw_action)
+            if args.via_router:  # checked as the router does: JSON only, with a stream_id field
+                messages.parse_event(None, value, headers, topic, 0, 0, limits, accept_raw=False,
+                                     require_key_match=False)
+            else:
+                messages.parse_event(key or args.stream.encode("utf-8"), value, headers, topic, 0, 0, limits,
+                                     raw_action=settings.stage.raw_action)
         except messages.InvalidEventError as exc:
             raise ConfigError(
                 f"event {position} would go to the dead-letter topic with reason {exc.reason}: {exc}; fix the "

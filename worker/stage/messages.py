@@ -83,13 +83,18 @@ def output_message(
     return message.value, list(message.headers)
 
 
-def dead_letter_message(record: ConsumerRecord, error: InvalidEventError) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """Return the value and headers of the dead letter of ``record``: original bytes plus the reason."""
+def dead_letter_message(
+    record: ConsumerRecord, error: InvalidEventError
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """Return the key, value and headers of the dead letter of ``record``: original bytes plus the reason.
+
+    The key is None when the record was too large to copy whole (see ``build_dead_letter``).
+    """
     message = build_dead_letter(
         record.key, record.value, record.headers, record.topic, record.partition, record.offset, error,
         timestamp_ms=record.timestamp,
     )
-    return message.value, list(message.headers)
+    return message.key, message.value, list(message.headers)
 
 
 def _time_to_first_token(result: Any) -> float | None:

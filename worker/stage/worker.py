@@ -501,7 +501,7 @@ class StageWorker:
         if self.metrics is not None:
             self.metrics.dead_lettered(reason)
             self.metrics.event_failed(reason)
-        value, headers = messages.dead_letter_message(record, error)
+        key, value, headers = messages.dead_letter_message(record, error)
         generation = state.generation if state is not None else -1
         if pending is not None:
             self._output_sent(pending)
@@ -511,7 +511,7 @@ class StageWorker:
                 self._output_acked(pending)
             self.stats.dead_letters += 1
 
-        self._send(tp, generation, record.offset, self.settings.kafka.dlq_topic, record.key, value, headers, on_done)
+        self._send(tp, generation, record.offset, self.settings.kafka.dlq_topic, key, value, headers, on_done)
 
     def _warn_dead_letter(self, tp: TopicPartition, record: ConsumerRecord, reason: str) -> None:
         now = time.monotonic()
