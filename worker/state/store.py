@@ -96,6 +96,8 @@ def make_client(config: StateConfig, **connection_kwargs: Any) -> aioredis.Redis
     blocks when all ``max_connections`` are busy: redis-py's default pool raises "Too many
     connections" instead, which a worker restoring more than 100 streams at once can reach.
     """
+    # NOTE: with Redis maxclients below max_connections, restores have stalled
+    # (refused connections were retried while others sat idle); the cause is not yet known.
     pool = aioredis.BlockingConnectionPool.from_url(
         config.redis_url,
         max_connections=config.max_connections,
