@@ -11,12 +11,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_generate_cli_file_prints_reply(tmp_path):
     text = tmp_path / "note.txt"
-    text.write_text("The meeting moved to Thursday at noon. When is the meeting?")
+    # The file is continued as text, so it ends mid-sentence to leave the model words to add.
+    text.write_text("The meeting moved to Thursday at noon, and everyone in the office")
     result = run_cli("generate", "--file", str(text), "--max-new-tokens", "4", "--window-tokens", "124",
                      "--json-lines")
     assert result.returncode == 0, result.stderr
     (line,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert line["stream_id"] == "note"
+    assert line["finish_reason"] == "length"
     assert line["generated_tokens"] == 4
     assert line["error"] is None
 
