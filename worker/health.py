@@ -264,7 +264,8 @@ def start_metrics_server(
 
         raise ConfigError(
             f"failed to listen for metrics on {host}:{port}: {exc}; "
-            "set --metrics.port (SINKSTREAM_METRICS__PORT) to a free port, or 0 to turn the server off"
+            "set --metrics.host (SINKSTREAM_METRICS__HOST) to an address of this machine and --metrics.port "
+            "(SINKSTREAM_METRICS__PORT) to a free port, or the port to 0 to turn the server off"
         ) from exc
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, name="metrics-server", daemon=True)
