@@ -360,7 +360,8 @@ async def test_store_damaged_marker_deleted_read_missing(store, state_config, cl
 
     assert covered_from is None
     assert client.exists(name) == 0
-    assert any("checkpoint marker" in record.getMessage() and "damaged" in record.getMessage()
-               for record in caplog.records)
+    warnings = [record.getMessage() for record in caplog.records if "checkpoint marker" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "is damaged" in warnings[0]
     assert await store.create_partition_marker("events", 2, 7)
     assert await store.read_partition_marker("events", 2) == 7

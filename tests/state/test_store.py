@@ -202,7 +202,7 @@ async def test_store_more_commands_than_connections_wait(redis_server):
     """Commands beyond max_connections wait for a free connection instead of failing."""
     store = SnapshotStore(StateConfig(redis_url=redis_server.url, key_prefix="pool", max_connections=2))
     try:
-        # Each BLPOP holds its connection for 0.1 s, so six of them must wait for one.
+        # Each BLPOP keeps its connection busy for 0.1 s, so six of them must wait for one.
         replies = await asyncio.gather(*(store.client.blpop(["pool:nothing"], timeout=0.1) for _ in range(8)))
         assert replies == [None] * 8
         assert store.client.connection_pool.max_connections == 2

@@ -177,8 +177,17 @@ def _add_produce_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_produce(args: argparse.Namespace) -> int:
     settings = load_tool_settings(args)
     _quiet_client_info()
-    if args.event_json:
-        return _produce_event_json(settings, args)
+    if not args.stream:
+        raise ConfigError("--stream is empty; pass a non-empty stream id")
+    topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
+    records = _event_json_records(args) if args.event_json else _built_records(args)
+    if not args.no_check:
+        _check_records(settings, args, records, topic)
+    return asyncio.run(_send_records(settings.kafka, topic, records))
+
+
+def _built_records(args: argparse.Namespace) -> list:
+    """Build one raw or JSON event per TEXT or line from the command's options."""
     if args.generate and args.action not in (None, "generate"):
         raise ConfigError(f"--generate conflicts with --action {args.action}; drop one of them")
     action = args.action or ("generate" if args.generate else None)
@@ -186,23 +195,17 @@ def run_produce(args: argparse.Namespace) -> int:
     sampling = args.max_new_tokens is not None or args.temperature is not None or args.seed is not None
     if action != "generate" and sampling:
         raise ConfigError("--max-new-tokens, --temperature and --seed need --generate (or --action generate)")
-    topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
-    if not args.stream:
-        raise ConfigError("--stream is empty; pass a non-empty stream id")
     texts = list(_event_texts(args))
     if action in ("reset", "end") and not texts:
         texts = [None]
     if not texts:
         raise ConfigError("no events to send: give TEXT arguments, --file PATH, or lines on stdin")
     _check_event_texts(args, texts, action)
-    records = [_produce_record(args, text, action, as_json) for text in texts]
-    if not args.no_check:
-        _check_records(settings, args, records, topic)
-    return asyncio.run(_send_records(settings.kafka, topic, records))
+    return [_produce_record(args, text, action, as_json) for text in texts]
 
 
-def _produce_event_json(settings: Any, args: argparse.Namespace) -> int:
-    """Send each TEXT or line unchanged as a JSON event value, keyed by --stream (no key with --via-router)."""
+def _event_json_records(args: argparse.Namespace) -> list:
+    """Take each TEXT or line unchanged as a JSON event value, keyed by --stream (no key with --via-router)."""
     event_options = {
         "--json": args.json, "--generate": args.generate, "--action": args.action, "--role": args.role,
         "--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature, "--seed": args.seed,
@@ -213,17 +216,11 @@ def _produce_event_json(settings: Any, args: argparse.Namespace) -> int:
             f"--event-json conflicts with {', '.join(conflicting)}: write those fields into the JSON event, "
             "or drop --event-json"
         )
-    if not args.stream:
-        raise ConfigError("--stream is empty; pass a non-empty stream id")
     texts = [text.strip() for text in _event_texts(args)]
     if not texts:
         raise ConfigError("no events to send: give TEXT arguments, --file PATH, or lines on stdin")
     key = None if args.via_router else _encode_utf8(args.stream, "--stream")
-    records = [(key, _encode_utf8(text, "TEXT"), [("content-type", b"application/json")]) for text in texts]
-    topic = args.topic or (settings.router.ingress_topic if args.via_router else settings.kafka.events_topic)
-    if not args.no_check:
-        _check_records(settings, args, records, topic)
-    return asyncio.run(_send_records(settings.kafka, topic, records))
+    return [(key, _encode_utf8(text, "TEXT"), [("content-type", b"application/json")]) for text in texts]
 
 
 def _encode_utf8(text: str, name: str) -> bytes:

@@ -8,7 +8,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-# Bounds of StateConfig.chunk_max_bytes. A stored record may have been written with any
+# Bounds of StateConfig.chunk_max_bytes, which uses these constants. A stored record may have been written with any
 # allowed chunk size, so its chunk count must lie between the counts these two give.
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 512 * 1024 * 1024
@@ -107,7 +107,7 @@ def obsolete_records(old: Chain | None, *keep: Chain | None) -> list[RecordRef]:
 
 
 def expected_chunk_range(num_bytes: int) -> tuple[int, int]:
-    """Return the fewest and most chunks a record of ``num_bytes`` bytes can be stored in."""
+    """Return the minimum and maximum number of chunks a record of ``num_bytes`` bytes can be stored in."""
     if num_bytes == 0:
         return 1, 1
     return math.ceil(num_bytes / MAX_CHUNK_BYTES), math.ceil(num_bytes / MIN_CHUNK_BYTES)
@@ -127,11 +127,11 @@ def _record_from_dict(value: Any, index: int) -> RecordRef:
     for name, number in (("num_chunks", num_chunks), ("num_bytes", num_bytes)):
         if not _is_int(number) or number < 0:
             raise InvalidChainError(f"{where}.{name} {_short(number)} is not a non-negative integer")
-    fewest, most = expected_chunk_range(num_bytes)
-    if not fewest <= num_chunks <= most:
+    fewest, maximum = expected_chunk_range(num_bytes)
+    if not fewest <= num_chunks <= maximum:
         raise InvalidChainError(
             f"{where}.num_chunks {num_chunks} cannot hold num_bytes {num_bytes}: chunks of "
-            f"{MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes give {fewest} to {most} chunks"
+            f"{MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes give {fewest} to {maximum} chunks"
         )
     return RecordRef(record_id=record_id, kind=kind, num_chunks=num_chunks, num_bytes=num_bytes)
 
@@ -149,9 +149,9 @@ def _check_type(data: dict[str, Any], name: str, kind: type | tuple[type, ...], 
     if name not in data or (optional and data[name] is None):
         return
     value = data[name]
-    wanted = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) or not isinstance(value, wanted):
-        names = " or ".join(item.__name__ for item in wanted)
+    expected = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, expected):
+        names = " or ".join(item.__name__ for item in expected)
         raise InvalidChainError(f"field {name!r} must be {names}{' or null' if optional else ''}, got {_short(value)}")
 
 

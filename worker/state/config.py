@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.state.chain import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
 MIB = 1024 * 1024
 
 
@@ -23,8 +25,8 @@ class StateConfig(BaseSettings):
     )
     chunk_max_bytes: int = Field(
         8 * MIB,
-        ge=64 * 1024,
-        le=512 * MIB,
+        ge=MIN_CHUNK_BYTES,
+        le=MAX_CHUNK_BYTES,
         description="maximum size of one Redis value in bytes; larger records are split into chunks",
     )
     pipeline_max_bytes: int = Field(

@@ -84,6 +84,10 @@ class HeadEntry:
     problem: str | None = None
 
 
+def _head_not_a_hash(stream_id: str, head: str, exc: ResponseError) -> DamagedHeadError:
+    return DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})")
+
+
 def is_wrong_type(exc: BaseException) -> bool:
     """Return True for Redis's WRONGTYPE reply: a command met a key of another type."""
     return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
@@ -218,7 +222,7 @@ class SnapshotStore:
                 except ResponseError as exc:
                     if not is_wrong_type(exc):
                         raise
-                    damaged = DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})")
+                    damaged = _head_not_a_hash(stream_id, head, exc)
                 except DamagedHeadError as exc:
                     damaged = exc
                 if damaged is not None and not replace_damaged:
@@ -252,7 +256,7 @@ class SnapshotStore:
         await self._run(
             lambda: self._client.hset(head, "committed", chain.to_json()),
             f"the commit mark of stream {stream_id}",
-            on_wrong_type=lambda exc: DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})"),
+            on_wrong_type=lambda exc: _head_not_a_hash(stream_id, head, exc),
         )
         await self._delete_records(stream_id, obsolete_records(previous_committed, chain, latest))
 
@@ -307,7 +311,7 @@ class SnapshotStore:
         fields = await self._run(
             lambda: self._client.hgetall(head),
             f"the head read of stream {stream_id}",
-            on_wrong_type=lambda exc: DamagedHeadError(stream_id, head, f"the key is not a hash ({exc})"),
+            on_wrong_type=lambda exc: _head_not_a_hash(stream_id, head, exc),
         )
         return self._parse_head(stream_id, fields)
 
