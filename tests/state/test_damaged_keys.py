@@ -77,7 +77,7 @@ def max_rss_mib() -> float:
         (EXTRA_FIELD.replace("{id}", "s"), "unknown field 'color'"),
         ('{"records": [], "stream_id": "s"}', "non-empty list"),
         ('["a list"]', "expected a JSON object"),
-        ('{"records": [{"record_id": "x", "kind": "base", "num_chunks": 1}], "stream_id": "s"}', "lacks field"),
+        ('{"records": [{"record_id": "x", "kind": "base", "num_chunks": 1}], "stream_id": "s"}', "is missing field"),
         ('{"records": [{"record_id": "x", "kind": "base", "num_chunks": true, "num_bytes": 5}], "stream_id": "s"}',
          "num_chunks True is not a non-negative integer"),
         ('{"records": [{"record_id": "a:b", "kind": "base", "num_chunks": 1, "num_bytes": 5}], "stream_id": "s"}',

@@ -142,7 +142,7 @@ def _check_keys(data: dict[str, Any], allowed: set[str], required: set[str], whe
         raise InvalidChainError(f"{where} has unknown field {_short(unknown[0])}")
     missing = sorted(required - set(data))
     if missing:
-        raise InvalidChainError(f"{where} lacks field {missing[0]!r}")
+        raise InvalidChainError(f"{where} is missing field {missing[0]!r}")
 
 
 def _check_type(data: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool = False) -> None:
